@@ -1,0 +1,3 @@
+from onnxshrink.cli import run
+
+run()

@@ -1,0 +1,95 @@
+"""Tiny models built in code, and comparison helpers; used by the tests and handy for users."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def conv_net(
+    *,
+    channels: Sequence[int] = (3, 8, 16),
+    classes: int = 10,
+    size: int = 16,
+    seed: int = 0,
+    opset: int = 17,
+    batch: str | int = "batch",
+) -> onnx.ModelProto:
+    """Conv-BN-ReLU blocks, global average pool, Gemm: a small, valid CNN with random weights."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+    x = "input"
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        w = rng.normal(0, (2.0 / (cin * 9)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
+        inits += [
+            _init(f"conv{i}.weight", w),
+            _init(f"conv{i}.bias", rng.normal(0, 0.1, cout).astype(np.float32)),
+            _init(f"bn{i}.scale", rng.uniform(0.5, 1.5, cout).astype(np.float32)),
+            _init(f"bn{i}.bias", rng.normal(0, 0.1, cout).astype(np.float32)),
+            _init(f"bn{i}.mean", rng.normal(0, 0.1, cout).astype(np.float32)),
+            _init(f"bn{i}.var", rng.uniform(0.5, 1.5, cout).astype(np.float32)),
+        ]
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization",
+                [f"c{i}", f"bn{i}.scale", f"bn{i}.bias", f"bn{i}.mean", f"bn{i}.var"],
+                [f"b{i}"],
+                name=f"bn{i}",
+            ),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    inits += [
+        _init("fc.weight", rng.normal(0, 0.3, (classes, channels[-1])).astype(np.float32)),
+        _init("fc.bias", rng.normal(0, 0.1, classes).astype(np.float32)),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, channels[0], size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxshrink.testing")
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model once on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, str) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference`` in dB."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = ref - np.asarray(candidate, dtype=np.float64)
+    signal_power = float(np.sum(ref * ref))
+    noise_power = float(np.sum(noise * noise))
+    if noise_power == 0.0:
+        return float("inf")
+    if signal_power == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal_power / noise_power)
