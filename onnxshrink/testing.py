@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxshrink.verify import sqnr_db  # noqa: F401 - re-exported for tests
+
 
 def _init(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
@@ -80,16 +82,3 @@ def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[
     options.log_severity_level = 3
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
-
-
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference`` in dB."""
-    ref = np.asarray(reference, dtype=np.float64)
-    noise = ref - np.asarray(candidate, dtype=np.float64)
-    signal_power = float(np.sum(ref * ref))
-    noise_power = float(np.sum(noise * noise))
-    if noise_power == 0.0:
-        return float("inf")
-    if signal_power == 0.0:
-        return float("-inf")
-    return 10.0 * np.log10(signal_power / noise_power)
