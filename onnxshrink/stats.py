@@ -194,12 +194,22 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
     return skeleton
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Shapes of every value onnx's shape inference can work out (best effort)."""
+def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str, Shape]:
+    """Shapes of every value that shape inference can work out (best effort).
+
+    onnx's inference (with data propagation) is fast but stops at shapes computed at run
+    time, e.g. the ``Shape -> Div -> Reshape`` of a channel shuffle; ``symbolic=True`` uses
+    onnxruntime's symbolic shape inference, which evaluates such shape arithmetic.
+    """
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        if symbolic:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        else:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; report, don't fail
-        log.warning("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        log.info("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
         inferred = model
     shapes: dict[str, Shape] = {}
     graph = inferred.graph
@@ -256,7 +266,10 @@ def count_macs(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = 
     shapes_in, unresolved_inputs = concrete_input_shapes(model, overrides or {})
     if unresolved_inputs:
         log.info("inputs with unknown dimensions: %s (use --shape)", unresolved_inputs)
-    shapes = infer_shapes(with_input_shapes(model, shapes_in))
+    fixed = with_input_shapes(model, shapes_in)
+    shapes = infer_shapes(fixed)
+    if not unresolved_inputs and any(node_macs(n, shapes) is None for n in model.graph.node):
+        shapes = infer_shapes(fixed, symbolic=True)
     by_type: Counter[str] = Counter()
     by_node: dict[str, int] = {}
     unresolved: list[str] = []

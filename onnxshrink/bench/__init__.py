@@ -1,5 +1,10 @@
-"""Benchmarking: latency measured interleaved, so that ratios hold on a noisy machine."""
+"""Benchmarking: latency measured interleaved, size, memory, accuracy, profile, gates, reports.
 
-from onnxshrink.bench.timing import LatencyStats, measure_interleaved
+``run_bench(paths, BenchConfig(...))`` returns the JSON payload documented in
+:mod:`onnxshrink.bench.schema`; :func:`onnxshrink.bench.text.render` and
+:func:`onnxshrink.bench.html.write_report` present it.
+"""
 
-__all__ = ["LatencyStats", "measure_interleaved"]
+from onnxshrink.bench.timing import LatencyStats, measure_interleaved, paired_ratio, ratio_interval
+
+__all__ = ["LatencyStats", "measure_interleaved", "paired_ratio", "ratio_interval"]

@@ -67,9 +67,10 @@ def cli(ctx: click.Context, verbose: int, quiet: int, show_traceback: bool) -> N
 
 
 def _register_commands() -> None:
-    from onnxshrink.cli import inspect_cmd
+    from onnxshrink.cli import inspect_cmd, shrink_cmd
 
     cli.add_command(inspect_cmd.inspect)
+    cli.add_command(shrink_cmd.shrink_command, name="shrink")
 
 
 _register_commands()

@@ -1,0 +1,400 @@
+"""Run a benchmark: latency, size, memory, accuracy/fidelity, profile and gates of N models.
+
+The first model is the baseline, the others are candidates compared with it. Order of work,
+chosen so that no step disturbs the latency figures:
+
+1. load and vet every model (:func:`onnxshrink.modelio.load_model`); resolve the provider
+   (a missing one is a :class:`~onnxshrink.errors.ConfigError`, exit code 2);
+2. create one session per model, timed (``session_create_ms``);
+3. latency: all sessions interleaved (:func:`~onnxshrink.bench.timing.measure_interleaved`);
+4. accuracy and fidelity over the whole data set (or over seeded random inputs);
+5. the profiler pass (:mod:`onnxshrink.bench.profiling`), in fresh sessions;
+6. memory, each model in a child process of its own (:mod:`onnxshrink.bench.memory`);
+7. the fusion lint (:mod:`onnxshrink.fusion`, when installed) and the gates.
+
+The result is the JSON payload documented in :mod:`onnxshrink.bench.schema`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnx
+
+from onnxshrink import __version__
+from onnxshrink.bench import gates as gates_mod
+from onnxshrink.bench.memory import measure_memory
+from onnxshrink.bench.profiling import profile_model
+from onnxshrink.bench.schema import SCHEMA
+from onnxshrink.bench.timing import LatencyStats, measure_interleaved, paired_ratio, ratio_interval
+from onnxshrink.data import Dataset, DataOptions, RandomDataset, model_input_specs, open_dataset
+from onnxshrink.errors import ConfigError, DataError, ShrinkError
+from onnxshrink.modelio import ModelInfo, load_model, ort_model_source
+from onnxshrink.runtime import available_providers, make_session, resolve_provider, run
+from onnxshrink.stats import concrete_input_shapes, count_macs, graph_inputs, value_signature
+from onnxshrink.verify import FidelityMeter, looks_like_class_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """How to benchmark (every field has a command-line flag, named in brackets)."""
+
+    provider: str = "cpu"  # [--provider] short name or full onnxruntime provider name
+    provider_options: dict[str, str] = field(default_factory=dict)  # [--provider-option]
+    threads: int | None = 1  # [--threads] intra-op threads; 0 or None: onnxruntime decides
+    batch: int = 1  # [--batch]
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # [--shape] full input shapes
+    runs: int = 100  # [--runs] timed rounds
+    warmup: int = 10  # [--warmup] untimed rounds
+    data: str | None = None  # [--data] npz / folder; None: seeded random inputs
+    seed: int = 0  # [--seed] random inputs and the bootstrap
+    gates: gates_mod.GateSpec = field(default_factory=gates_mod.GateSpec)
+    memory: bool = True  # [--no-memory] skip the child-process memory measurement
+    profile: bool = True  # [--no-profile] skip the profiler pass
+    profile_runs: int = 20
+    memory_runs: int = 10
+    random_samples: int = 32  # random batches for fidelity when there is no --data
+    latency_feeds: int = 8  # distinct batches cycled through while timing
+    progress: bool = True  # tqdm bar on stderr (also off when stderr is not a terminal)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        if self.runs < 3:
+            raise ConfigError(f"--runs must be at least 3, not {self.runs}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must not be negative, not {self.warmup}")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError(f"--threads must not be negative, not {self.threads}")
+
+
+@dataclass
+class _Model:
+    name: str
+    path: str
+    proto: onnx.ModelProto
+    info: ModelInfo
+    source: bytes | str = b""
+    session: Any = None
+    create_ms: float = 0.0
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = Path(p).stem or Path(p).name
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _input_shapes(model: onnx.ModelProto, config: BenchConfig) -> dict[str, list[int]]:
+    """Concrete input shapes for random inputs: --shape first, else a symbolic batch = --batch."""
+    shapes, unresolved = concrete_input_shapes(model, config.shapes)
+    if unresolved:
+        raise ConfigError(f"input(s) {unresolved} have dynamic dimensions; give them with --shape NAME=DIMS")
+    for value in graph_inputs(model):
+        if value.name in config.shapes:
+            if config.batch != 1 and shapes[value.name][0] != config.batch:
+                raise ConfigError(f"--shape {value.name} has batch {shapes[value.name][0]}, --batch says {config.batch}")
+            continue
+        dims = value_signature(value).shape or []
+        if dims and not isinstance(dims[0], int):
+            shapes[value.name][0] = config.batch
+        elif config.batch != 1 and dims and dims[0] != config.batch:
+            raise ConfigError(f"input '{value.name}' has a fixed batch size of {dims[0]}; --batch {config.batch} cannot apply")
+    return shapes
+
+
+def _batches(dataset: Dataset, batch: int, *, fixed_batch: bool) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    """Samples stacked ``batch`` at a time along axis 0, with their labels."""
+    pending: list[Any] = []
+    for sample in dataset:
+        pending.append(sample)
+        if len(pending) == batch:
+            yield _stack(pending)
+            pending = []
+    if pending and not fixed_batch:
+        yield _stack(pending)
+
+
+def _stack(samples: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    if len(samples) == 1:
+        feeds = samples[0].feeds
+    else:
+        try:
+            feeds = {k: np.concatenate([s.feeds[k] for s in samples], axis=0) for k in samples[0].feeds}
+        except ValueError as exc:
+            raise DataError(f"samples of different shapes cannot be batched ({exc}); use --batch 1") from None
+    labels = None if samples[0].label is None else np.asarray([s.label for s in samples], dtype=np.int64)
+    return feeds, labels
+
+
+def _environment() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return {
+        "onnxshrink": __version__,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "available_providers": available_providers(),
+    }
+
+
+class _Bar:
+    """One tqdm bar on stderr for the whole run; silent when disabled or not a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, file=sys.stderr, disable=None if enabled else True, unit="step", leave=False)
+
+    def phase(self, name: str) -> None:
+        self._bar.set_description(name)
+
+    def step(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
+    """Benchmark ``paths[0]`` (the baseline) against the other models; the JSON payload."""
+    if not paths:
+        raise ConfigError("give at least one model")
+    provider_full = resolve_provider(config.provider)
+    if config.gates.any() and len(paths) < 2:
+        raise ConfigError("gates compare candidates with the baseline: give at least two models")
+    models = [_Model(n, p, *load_model(p)) for n, p in zip(_unique_names(paths), paths)]
+    base = models[0]
+    input_names = [v.name for v in graph_inputs(base.proto)]
+    for m in models[1:]:
+        names = [v.name for v in graph_inputs(m.proto)]
+        if sorted(names) != sorted(input_names):
+            raise ShrinkError(f"inputs {names} differ from the baseline's {input_names}; models must take the same inputs", path=m.path)
+    notes: list[str] = []
+    specs = model_input_specs(base.proto)
+    fixed_batch = any(s.shape and isinstance(s.shape[0], int) for s in specs)
+    if config.data is None:
+        shapes = _input_shapes(base.proto, config)
+        dataset: Dataset = RandomDataset(specs, count=config.random_samples, seed=config.seed, shapes=shapes)
+        data_kind = "random"
+        notes.append(
+            "no --data: latency and fidelity use seeded random inputs; agreement, SQNR and cosine "
+            "describe behaviour on noise, not on real data, and there is no accuracy"
+        )
+    else:
+        dataset = open_dataset(config.data, base.proto, DataOptions(seed=config.seed))
+        data_kind = "labelled" if dataset.has_labels else "unlabelled"
+        if len(dataset) < config.batch:
+            raise DataError(f"holds {len(dataset)} samples, fewer than --batch {config.batch}", path=config.data)
+    # Random samples are whole batches already; data samples are stacked --batch at a time.
+    group = 1 if data_kind == "random" else config.batch
+    eval_batches = len(dataset) // group + (0 if fixed_batch or len(dataset) % group == 0 else 1)
+    n = len(models)
+    total = 2 * n + config.warmup + max(config.runs, 3) + eval_batches + n * config.profile + n * config.memory
+    bar = _Bar(total, config.progress)
+    try:
+        with contextlib.ExitStack() as stack:
+            bar.phase("sessions")
+            for m in models:
+                m.source = stack.enter_context(ort_model_source(m.proto))
+                t0 = time.perf_counter()
+                m.session = make_session(m.source, provider=config.provider, threads=config.threads,
+                                         provider_options=config.provider_options)  # fmt: skip
+                m.create_ms = (time.perf_counter() - t0) * 1000.0
+                bar.step()
+            feeds = [f for f, _ in _take_batches(dataset, group, config.latency_feeds, fixed_batch)]
+            bar.phase("latency")
+            stats = measure_interleaved([m.session for m in models], feeds, warmup=config.warmup,
+                                        rounds=config.runs, progress=bar.step)  # fmt: skip
+            bar.phase("accuracy")
+            accuracy, meters, rows = _evaluate(models, dataset, group, fixed_batch, data_kind, bar)
+            if fixed_batch and len(dataset) % group:
+                notes.append(f"accuracy: the last {len(dataset) % group} samples were left out (fixed batch size)")
+            profiles: list[dict[str, Any] | None] = [None] * n
+            if config.profile:
+                bar.phase("profile")
+                for i, m in enumerate(models):
+                    profiles[i] = profile_model(m.source, feeds[0], provider=config.provider, threads=config.threads,
+                                                provider_options=config.provider_options,
+                                                runs=config.profile_runs).to_json()  # fmt: skip
+                    bar.step()
+            memory: list[dict[str, Any] | None] = [None] * n
+            if config.memory:
+                bar.phase("memory")
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxshrink-bench-"))
+                feed_path = os.path.join(tmp, "feed.npz")
+                np.savez(feed_path, **feeds[0])
+                for i, m in enumerate(models):
+                    memory[i] = measure_memory(m.path, feed_path, provider=config.provider, threads=config.threads,
+                                               provider_options=config.provider_options, runs=config.memory_runs)  # fmt: skip
+                    bar.step()
+            bar.phase("fusion lint")
+            feed_shapes = {k: list(v.shape) for k, v in feeds[0].items()}
+            fusion, fusion_note = _fusion_lint(models, config.provider, feed_shapes, bar)
+            if fusion_note:
+                notes.append(fusion_note)
+    finally:
+        bar.close()
+    batch_rows = int(next(iter(feeds[0].values())).shape[0]) if feeds[0] else config.batch
+    entries = []
+    for i, m in enumerate(models):
+        entry: dict[str, Any] = {
+            "name": m.name,
+            "path": m.path,
+            "role": "baseline" if i == 0 else "candidate",
+            "size": {
+                "model_file_bytes": m.info.file_bytes,
+                "external_data_bytes": m.info.external_bytes,
+                "total_bytes": m.info.file_bytes + m.info.external_bytes,
+            },
+            "session_create_ms": m.create_ms,
+            "latency_ms": stats[i].to_json(),
+            "throughput_per_s": stats[i].throughput(batch_rows),
+            "memory": memory[i],
+            "accuracy": accuracy[i],
+            "vs_baseline": None if i == 0 else _versus(stats[i], stats[0], meters[i - 1], config.seed),
+            "profile": profiles[i],
+            "fusion": fusion[i],
+        }
+        entries.append(entry)
+    gate_list = gates_mod.evaluate(config.gates, entries, data_kind=data_kind)
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(),
+        "settings": {
+            "provider": provider_full,
+            "provider_options": dict(config.provider_options),
+            "threads": config.threads or None,
+            "batch": batch_rows,
+            "input_shapes": feed_shapes,
+            "warmup": config.warmup,
+            "runs": max(config.runs, 3),
+            "seed": config.seed,
+            "data": {"source": config.data or "random", "kind": data_kind, "samples": rows},
+            "memory_runs": config.memory_runs if config.memory else None,
+            "profile_runs": config.profile_runs if config.profile else None,
+        },
+        "models": entries,
+        "gates": [g.to_json() for g in gate_list],
+        "passed": all(g.passed for g in gate_list),
+        "notes": notes,
+    }
+
+
+def _take_batches(dataset: Dataset, group: int, count: int, fixed_batch: bool) -> list[tuple[dict[str, np.ndarray], Any]]:
+    out = []
+    for item in _batches(dataset, group, fixed_batch=fixed_batch):
+        out.append(item)
+        if len(out) >= count:
+            break
+    if not out:
+        raise DataError("no complete batch of samples to time", path=getattr(dataset, "source", None))
+    return out
+
+
+def _evaluate(
+    models: list[_Model], dataset: Dataset, group: int, fixed_batch: bool, data_kind: str, bar: _Bar
+) -> tuple[list[dict[str, Any] | None], list[FidelityMeter], int]:
+    """Top-1/top-5 per model (with labels) and a fidelity meter per candidate."""
+    meters = [FidelityMeter() for _ in models[1:]]
+    correct = np.zeros((len(models), 2), dtype=np.int64)  # top-1, top-5 hits
+    rows = labelled = classes = 0
+    classify: bool | None = None
+    for feed, labels in _batches(dataset, group, fixed_batch=fixed_batch):
+        outs = [run(m.session, feed) for m in models]
+        for meter, out in zip(meters, outs[1:]):
+            # FidelityMeter compares one label with each row's top-1; an array does the same per row.
+            meter.update(outs[0], out, label=None if labels is None else cast(int, labels if len(labels) > 1 else int(labels[0])))
+        if classify is None:
+            classify = looks_like_class_scores(np.asarray(outs[0][0]))
+        rows += int(np.asarray(outs[0][0]).shape[0]) if np.asarray(outs[0][0]).ndim else 1
+        if labels is not None and classify:
+            labelled += len(labels)
+            for k, out in enumerate(outs):
+                scores = np.asarray(out[0]).reshape(len(labels), -1)
+                classes = scores.shape[1]
+                top = min(5, scores.shape[1])
+                best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+                correct[k, 0] += int(np.sum(best[:, 0] == labels))
+                correct[k, 1] += int(np.sum(np.any(best == labels[:, None], axis=1)))
+        bar.step()
+    if data_kind != "labelled" or not classify or not labelled:
+        return [None] * len(models), meters, rows
+    accuracy: list[dict[str, Any] | None] = [
+        {"top1": float(correct[k, 0] / labelled), "top5": float(correct[k, 1] / labelled) if classes > 5 else None,
+         "samples": labelled}
+        for k in range(len(models))
+    ]
+    return accuracy, meters, rows
+
+
+def _versus(cand: LatencyStats, base: LatencyStats, meter: FidelityMeter, seed: int) -> dict[str, Any]:
+    ratio = cand.p50 / base.p50
+    low, high = ratio_interval(cand, base, seed=seed)
+    return {
+        "latency_ratio": ratio,
+        "latency_ratio_ci95": [low, high],
+        "paired_median_ratio": paired_ratio(cand, base),
+        "speedup": 1.0 / ratio,
+        "fidelity": meter.result().to_json(),
+    }
+
+
+def _fusion_lint(
+    models: list[_Model], provider: str, shapes: dict[str, list[int]], bar: _Bar
+) -> tuple[list[dict[str, Any] | None], str | None]:
+    """The fusion section (:func:`onnxshrink.fusion.analyze_fusion`), one per model.
+
+    A model the lint cannot analyse gets ``None`` and a note; the benchmark stands without it.
+    """
+    try:
+        from onnxshrink import fusion
+    except ImportError:  # the lint ships with the package; kept optional for partial builds
+        bar.step(len(models))
+        return [None] * len(models), "fusion lint: onnxshrink.fusion is not available in this build"
+    out: list[dict[str, Any] | None] = []
+    failed = []
+    for m in models:
+        try:
+            macs = count_macs(m.proto, {k: v for k, v in shapes.items() if k in {i.name for i in graph_inputs(m.proto)}})
+            report = fusion.analyze_fusion(m.proto, provider=provider, macs_by_node=macs.by_node)
+        except ShrinkError as exc:
+            failed.append(f"{m.name} ({exc.one_line()})")
+            out.append(None)
+            bar.step()
+            continue
+        out.append({"summary": report.summary(), **report.to_json()})
+        bar.step()
+    return out, (f"fusion lint failed for: {'; '.join(failed)}" if failed else None)

@@ -1,0 +1,163 @@
+"""Small, dependency-free SVG charts for the HTML report (inline, no scripts, no fonts)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from html import escape
+
+import numpy as np
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+_FONT = 'font-family="system-ui, sans-serif" font-size="12"'
+
+
+def color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values covering ``[lo, hi]``."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(count, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    t = start
+    while t <= hi + step * 0.5:
+        ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}" if abs(v) >= 0.01 or v == 0 else f"{v:.1e}"
+
+
+def _svg(width: int, height: int, body: list[str], title: str) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}" {_FONT}>'
+        f"<title>{escape(title)}</title>" + "".join(body) + "</svg>"
+    )
+
+
+def _x_axis(ticks: Sequence[float], sx: object, y0: float, y1: float, label: str, x_mid: float) -> list[str]:
+    out = []
+    for t in ticks:
+        x = sx(t)  # type: ignore[operator]
+        out.append(f'<line x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{x:.1f}" y="{y1 + 15:.1f}" text-anchor="middle" fill="#555">{_fmt(t)}</text>')
+    out.append(f'<text x="{x_mid:.1f}" y="{y1 + 33:.1f}" text-anchor="middle" fill="#333">{escape(label)}</text>')
+    return out
+
+
+def box_plot(series: Sequence[tuple[str, Sequence[float]]], *, unit: str = "ms", width: int = 920) -> str:
+    """Horizontal box plots, one row per series, over a strip of every sample.
+
+    Box: 25th-75th percentile; thick line: median; whiskers: 1st and 99th percentiles.
+    """
+    left, right, row_h, top = 170, 90, 46, 10
+    height = top + row_h * len(series) + 48
+    all_values = np.concatenate([np.asarray(v, dtype=float) for _, v in series]) if series else np.zeros(1)
+    lo, hi = float(np.min(all_values)), float(np.percentile(all_values, 99.5))
+    pad = (hi - lo) * 0.05 or max(hi, 1e-9) * 0.05
+    ticks = nice_ticks(max(0.0, lo - pad), hi + pad)
+    x0, x1 = ticks[0], ticks[-1]
+    span = x1 - x0 or 1.0
+
+    def sx(v: float) -> float:
+        return left + (min(max(v, x0), x1) - x0) / span * (width - left - right)
+
+    body = _x_axis(ticks, sx, top, top + row_h * len(series), f"latency per run ({unit})", (left + width - right) / 2)
+    rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same picture
+    for i, (name, values) in enumerate(series):
+        v = np.asarray(values, dtype=float)
+        cy = top + row_h * i + row_h / 2
+        c = color(i)
+        body.append(f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>')
+        for value, dy in zip(v, rng.uniform(-row_h * 0.32, row_h * 0.32, v.size)):
+            body.append(f'<circle cx="{sx(value):.1f}" cy="{cy + dy:.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>')
+        p1, p25, p50, p75, p99 = np.percentile(v, [1, 25, 50, 75, 99])
+        h = row_h * 0.5
+        body.append(f'<line x1="{sx(p1):.1f}" y1="{cy:.1f}" x2="{sx(p99):.1f}" y2="{cy:.1f}" stroke="#333"/>')
+        for w in (p1, p99):
+            body.append(f'<line x1="{sx(w):.1f}" y1="{cy - h / 3:.1f}" x2="{sx(w):.1f}" y2="{cy + h / 3:.1f}" stroke="#333"/>')
+        body.append(
+            f'<rect x="{sx(p25):.1f}" y="{cy - h / 2:.1f}" width="{max(sx(p75) - sx(p25), 1):.1f}" height="{h:.1f}" '
+            f'fill="{c}" fill-opacity="0.45" stroke="{c}"/>'
+        )
+        body.append(f'<line x1="{sx(p50):.1f}" y1="{cy - h / 2:.1f}" x2="{sx(p50):.1f}" y2="{cy + h / 2:.1f}" stroke="#111" stroke-width="2.5"/>')
+        if float(np.max(v)) > x1:
+            body.append(f'<text x="{width - right + 4}" y="{cy - 8:.1f}" fill="#888" font-size="10">max {_fmt(float(np.max(v)))} &#8594;</text>')
+        body.append(f'<text x="{width - right + 4}" y="{cy + 8:.1f}" fill="#222">p50 {_fmt(round(float(p50), 4))}</text>')
+    return _svg(width, height, body, "latency distribution per model")
+
+
+def scatter(points: Sequence[tuple[str, float, float]], *, x_label: str, y_label: str, width: int = 620, height: int = 380) -> str:
+    """Labelled points; colours follow the series order of the other charts."""
+    left, right, top, bottom = 70, 150, 16, 50
+    xs = [p[1] for p in points] or [0.0]
+    ys = [p[2] for p in points] or [0.0]
+    xpad = (max(xs) - min(xs)) * 0.15 or max(abs(max(xs)), 1e-9) * 0.1
+    ypad = (max(ys) - min(ys)) * 0.15 or max(abs(max(ys)), 1e-9) * 0.01 or 1.0
+    xt = nice_ticks(max(0.0, min(xs) - xpad), max(xs) + xpad)
+    yt = nice_ticks(min(ys) - ypad, max(ys) + ypad)
+
+    def sx(v: float) -> float:
+        return left + (v - xt[0]) / ((xt[-1] - xt[0]) or 1) * (width - left - right)
+
+    def sy(v: float) -> float:
+        return height - bottom - (v - yt[0]) / ((yt[-1] - yt[0]) or 1) * (height - top - bottom)
+
+    body = _x_axis(xt, sx, top, height - bottom, x_label, (left + width - right) / 2)
+    for t in yt:
+        body.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#e3e3e3"/>')
+        body.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#555">{_fmt(t)}</text>')
+    body.append(
+        f'<text transform="translate(16 {(top + height - bottom) / 2:.1f}) rotate(-90)" text-anchor="middle" fill="#333">'
+        f"{escape(y_label)}</text>"
+    )
+    for i, (name, x, y) in enumerate(points):
+        body.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="6" fill="{color(i)}" stroke="#222"/>')
+        body.append(f'<text x="{sx(x) + 10:.1f}" y="{sy(y) + 4:.1f}" fill="#222">{escape(name)}</text>')
+    return _svg(width, height, body, f"{y_label} vs {x_label}")
+
+
+def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, unit: str, width: int = 920) -> str:
+    """One horizontal bar per row, split into named segments; a legend below."""
+    left, right, top, bar_h, gap = 170, 90, 10, 24, 12
+    keys: list[str] = []
+    for _, segments in rows:
+        keys += [k for k, _ in segments if k not in keys]
+    total_max = max((sum(v for _, v in s) for _, s in rows), default=1.0) or 1.0
+    ticks = nice_ticks(0.0, total_max)
+    plot_h = (bar_h + gap) * len(rows)
+    legend_rows = math.ceil(len(keys) / 6)
+    height = top + plot_h + 44 + 20 * legend_rows
+
+    def sx(v: float) -> float:
+        return left + v / (ticks[-1] or 1) * (width - left - right)
+
+    body = _x_axis(ticks, sx, top, top + plot_h, unit, (left + width - right) / 2)
+    for i, (name, segments) in enumerate(rows):
+        y = top + i * (bar_h + gap) + gap / 2
+        body.append(f'<text x="{left - 10}" y="{y + bar_h / 2 + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>')
+        acc = 0.0
+        for key, value in segments:
+            w = sx(acc + value) - sx(acc)
+            body.append(
+                f'<rect x="{sx(acc):.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{bar_h}" fill="{color(keys.index(key))}">'
+                f"<title>{escape(name)}: {escape(key)} {value:.1f} {escape(unit)}</title></rect>"
+            )
+            acc += value
+        body.append(f'<text x="{sx(acc) + 6:.1f}" y="{y + bar_h / 2 + 4:.1f}" fill="#222">{acc:.0f}</text>')
+    ly = top + plot_h + 44
+    for k, key in enumerate(keys):
+        lx = left + (k % 6) * 120
+        yy = ly + (k // 6) * 20
+        body.append(f'<rect x="{lx}" y="{yy - 10}" width="12" height="12" fill="{color(k)}"/>')
+        body.append(f'<text x="{lx + 17}" y="{yy}" fill="#222">{escape(key)}</text>')
+    return _svg(width, height, body, f"time by op type ({unit})")

@@ -1,0 +1,70 @@
+"""Lossless clean-ups: dead nodes, unused initializers, unused opset imports."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxshrink.modelio import iter_graphs
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for sub in iter_graphs(g):
+                for n in sub.node:
+                    names.update(n.input)
+    return names
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Drop nodes whose outputs reach no graph output; return how many."""
+    live = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in live for o in node.output if o):
+            keep.append(node)
+            live.update(i for i in node.input if i)
+            live.update(_subgraph_inputs(node))
+    removed = len(graph.node) - len(keep)
+    if removed:
+        keep.reverse()
+        del graph.node[:]
+        graph.node.extend(keep)
+    return removed
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> int:
+    used: set[str] = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        used.update(_subgraph_inputs(node))
+    keep = [t for t in graph.initializer if t.name in used]
+    removed = len(graph.initializer) - len(keep)
+    if removed:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return removed
+
+
+def prune_opset_imports(model: onnx.ModelProto) -> None:
+    """Keep only the opset imports the graph uses (plus the default domain)."""
+    used = {"", "ai.onnx"}
+    for graph in iter_graphs(model.graph):
+        used.update(n.domain for n in graph.node)
+    for fn in model.functions:
+        used.add(fn.domain)
+        used.update(n.domain for n in fn.node)
+    keep = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def cleanup(model: onnx.ModelProto) -> dict[str, int]:
+    """All clean-ups, in place; returns what each removed."""
+    return {
+        "dead_nodes": remove_dead_nodes(model.graph),
+        "unused_initializers": remove_unused_initializers(model.graph),
+    }

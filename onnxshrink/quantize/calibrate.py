@@ -1,0 +1,212 @@
+"""Streaming activation calibration: ranges for every float tensor, in bounded memory.
+
+The model is augmented so that every float activation is also a graph output, run once per
+sample, and each tensor's statistics are folded into a fixed-size summary: its min/max and,
+for the histogram methods, a histogram of ``BINS`` bins over ``[-R, R]``. When a sample
+exceeds ``R``, ``R`` doubles and bins merge pairwise, so the histogram never needs the data
+twice and memory does not grow with the number of samples (onnxruntime's calibrators keep
+every sample's outputs, which is what makes them run out of memory).
+
+Range choice per tensor (all for asymmetric uint8 activations):
+
+* ``minmax``: the observed range;
+* ``percentile``: drop a tail mass of ``1 - p/100`` (default p = 99.999);
+* ``mse``: the range ``alpha * [min, max]`` (``alpha`` in [0.15, 1]) that minimises the
+  expected squared quantization error (rounding inside, clipping outside) under the histogram;
+* ``entropy``: the TensorRT-style KL-divergence threshold on ``|x|``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxshrink.data import Sample
+from onnxshrink.errors import DataError
+from onnxshrink.runtime import make_session
+
+log = logging.getLogger(__name__)
+
+BINS = 2048  # must be divisible by 4 for range doubling
+METHODS = ("minmax", "percentile", "mse", "entropy")
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one tensor."""
+
+    lo: float = math.inf
+    hi: float = -math.inf
+    radius: float = 0.0
+    hist: np.ndarray | None = None
+    count: int = 0
+
+    def update(self, x: np.ndarray, *, histogram: bool) -> None:
+        if x.size == 0:
+            return
+        x = np.asarray(x, dtype=np.float32).ravel()
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise DataError("an activation became NaN or infinite during calibration")
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.count += x.size
+        if not histogram:
+            return
+        amax = max(abs(lo), abs(hi))
+        if self.hist is None:
+            self.radius = amax if amax > 0 else 1e-8
+            self.hist = np.zeros(BINS, dtype=np.int64)
+        while amax > self.radius:
+            # Double the range: old bins land pairwise-merged in the middle half.
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            self.hist = np.zeros(BINS, dtype=np.int64)
+            self.hist[BINS // 4 : 3 * BINS // 4] = merged
+            self.radius *= 2.0
+        idx = ((x + self.radius) * (BINS / (2.0 * self.radius))).astype(np.int64)
+        np.clip(idx, 0, BINS - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=BINS)
+
+    @property
+    def centers(self) -> np.ndarray:
+        width = 2.0 * self.radius / BINS
+        return -self.radius + width * (np.arange(BINS) + 0.5)
+
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of float tensors computed at run time (graph inputs and node outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types: dict[str, int] = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    initializers = {t.name for t in model.graph.initializer}
+    names: list[str] = [i.name for i in model.graph.input if types.get(i.name) in _FLOAT_TYPES and i.name not in initializers]
+    for node in model.graph.node:
+        for out in node.output:
+            if out and types.get(out) in _FLOAT_TYPES:
+                names.append(out)
+    return list(dict.fromkeys(names))
+
+
+def _augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name not in existing:
+            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return augmented
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    samples: Iterable[Sample],
+    *,
+    histogram: bool,
+    tensors: list[str] | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, TensorStats]:
+    """Run ``model`` on every sample and summarise each float activation."""
+    names = tensors if tensors is not None else float_activations(model)
+    session = make_session(_augmented(model, names), threads=None, optimization="basic")
+    out_names = [o.name for o in session.get_outputs()]
+    wanted = set(names)
+    stats = {name: TensorStats() for name in names}
+    iterator = samples
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(samples, total=total, desc="calibrating", unit="sample", leave=False)
+    seen = 0
+    for sample in iterator:
+        outputs = session.run(out_names, sample.feeds)
+        for name, value in zip(out_names, outputs):
+            if name in wanted:
+                stats[name].update(value, histogram=histogram)
+        seen += 1
+    if seen == 0:
+        raise DataError("no calibration samples")
+    return {k: v for k, v in stats.items() if v.count}
+
+
+# --------------------------------------------------------------------------- range choice
+
+
+def choose_range(stats: TensorStats, method: str, *, percentile: float = 99.999, qmax: int = 255) -> tuple[float, float]:
+    """The (low, high) range to quantize a tensor with, by ``method``."""
+    lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    if method == "minmax" or stats.hist is None or hi - lo <= 0:
+        return lo, hi
+    if method == "percentile":
+        return _percentile_range(stats, percentile)
+    if method == "mse":
+        return _mse_range(stats, qmax)
+    if method == "entropy":
+        return _entropy_range(stats)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
+    assert stats.hist is not None
+    cdf = np.cumsum(stats.hist) / stats.hist.sum()
+    tail = (1.0 - percentile / 100.0) / (1.0 if stats.lo >= 0 else 2.0)
+    centers = stats.centers
+    hi = float(centers[min(np.searchsorted(cdf, 1.0 - tail), BINS - 1)])
+    lo = float(centers[min(np.searchsorted(cdf, tail), BINS - 1)]) if stats.lo < 0 else 0.0
+    return min(lo, 0.0), max(min(hi, stats.hi), 1e-12)
+
+
+def _mse_range(stats: TensorStats, qmax: int) -> tuple[float, float]:
+    assert stats.hist is not None
+    lo0, hi0 = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    mask = stats.hist > 0
+    x = stats.centers[mask]
+    weight = stats.hist[mask].astype(np.float64)
+    alphas = np.linspace(0.15, 1.0, 86)
+    best, best_err = (lo0, hi0), math.inf
+    for alpha in alphas:
+        lo, hi = alpha * lo0, alpha * hi0
+        scale = (hi - lo) / qmax
+        if scale <= 0:
+            continue
+        zero = np.round(-lo / scale)
+        q = np.clip(np.round(x / scale) + zero, 0, qmax)
+        err = float(np.sum(weight * (x - (q - zero) * scale) ** 2))
+        if err < best_err * (1 - 1e-9):
+            best, best_err = (lo, hi), err
+    return best
+
+
+def _entropy_range(stats: TensorStats, target_bins: int = 128) -> tuple[float, float]:
+    """KL-divergence calibration on the |x| histogram (TensorRT's method)."""
+    assert stats.hist is not None
+    half = BINS // 2
+    absolute = stats.hist[half:].astype(np.float64) + stats.hist[:half][::-1].astype(np.float64)
+    width = stats.radius / half
+    best_i, best_kl = half, math.inf
+    for i in range(target_bins, half + 1, 8):
+        reference = absolute[:i].copy()
+        reference[i - 1] += absolute[i:].sum()
+        if reference.sum() == 0:
+            continue
+        chunks = np.array_split(absolute[:i], target_bins)
+        expanded = np.concatenate(
+            [np.where(c > 0, c.sum() / max(np.count_nonzero(c), 1), 0.0) for c in chunks]
+        )
+        p = reference / reference.sum()
+        q = expanded / expanded.sum() if expanded.sum() > 0 else expanded
+        valid = (p > 0) & (q > 0)
+        kl = float(np.sum(p[valid] * np.log(p[valid] / q[valid]))) + float(np.sum(p[(p > 0) & (q == 0)])) * 10
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    threshold = best_i * width
+    lo = max(min(stats.lo, 0.0), -threshold)
+    return lo, min(max(stats.hi, 0.0), threshold)

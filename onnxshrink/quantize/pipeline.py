@@ -1,0 +1,336 @@
+"""The int8 pipeline: prepare -> calibrate -> QDQ -> fusion-aware clean-up -> accuracy fallback.
+
+1. Preparation (folding, clean-up), checked lossless on held-back samples.
+2. Streaming calibration of every float activation on the calibration samples.
+3. QDQ rewrite (onnxruntime's quantizer as the engine) with per-channel int8 weights and
+   uint8 activations by default.
+4. Fusion-aware clean-up: the provider's optimised graph is read back; compute nodes it left
+   in float between Q/DQ are excluded from quantization, and Q/DQ pairs that would run as
+   plain elementwise work are removed — so the model is not slowed down by int8 that the
+   provider cannot use.
+5. Accuracy target: fidelity against fp32 on held-back samples. If the target is missed,
+   nodes are ranked by the noise they add and the fewest are left in fp32 that meet it.
+   The best model found is always returned, with the reasons for every fp32 node.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxshrink.data import Dataset, Sample
+from onnxshrink.errors import DataError
+from onnxshrink.fusion import FusionReport, analyze_fusion
+from onnxshrink.passes.cleanup import cleanup
+from onnxshrink.passes.prepare import PrepareReport, prepare
+from onnxshrink.quantize.calibrate import choose_range, collect_stats
+from onnxshrink.quantize.config import Int8Config
+from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
+from onnxshrink.quantize.sensitivity import NodeSensitivity, node_sensitivity
+from onnxshrink.runtime import make_session
+from onnxshrink.stats import count_macs
+from onnxshrink.verify import Fidelity, FidelityMeter
+
+log = logging.getLogger(__name__)
+
+#: Target when the user gives none: top-1 may move by at most this many points, or outputs
+#: that are not class scores keep at least this SQNR.
+DEFAULT_MAX_DROP = 1.0
+DEFAULT_MIN_SQNR = 20.0
+_FUSION_ROUNDS = 3
+_SENSITIVITY_SAMPLES = 16
+
+
+@dataclass
+class Split:
+    """Which samples calibrate and which judge (by position in the data set)."""
+
+    calibration: range
+    evaluation: range
+    overlap: bool
+
+
+def split_samples(count: int, max_calibration: int) -> Split:
+    """Hold back a fifth (at most 500) for evaluation when there are 50 samples or more."""
+    if count >= 50:
+        held = min(max(count // 5, 10), 500)
+        calib = range(0, min(count - held, max_calibration))
+        return Split(calib, range(count - held, count), overlap=False)
+    return Split(range(0, min(count, max_calibration)), range(0, count), overlap=True)
+
+
+def iter_range(dataset: Dataset, indices: range) -> Iterator[Sample]:
+    return itertools.islice(iter(dataset), indices.start, indices.stop)
+
+
+@dataclass
+class FallbackNode:
+    node: str
+    op_type: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"node": self.node, "op_type": self.op_type, "reason": self.reason}
+
+
+@dataclass
+class Int8Result:
+    """What the int8 pipeline produced and why."""
+
+    model: onnx.ModelProto
+    config: Int8Config
+    prepare: PrepareReport
+    fidelity: Fidelity
+    target: dict[str, Any]
+    target_met: bool
+    fp32_nodes: list[FallbackNode]
+    fusion: FusionReport
+    sensitivity: list[NodeSensitivity]
+    calibration_samples: int
+    evaluation_samples: int
+    evaluation_overlaps_calibration: bool
+    reduce_range: bool
+    quantized_nodes: int
+    candidates_tried: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "activation_type": self.config.activation_type,
+            "weight_type": "int8",
+            "per_channel": self.config.per_channel,
+            "reduce_range": self.reduce_range,
+            "calibration_samples": self.calibration_samples,
+            "evaluation_samples": self.evaluation_samples,
+            "evaluation_overlaps_calibration": self.evaluation_overlaps_calibration,
+            "quantized_nodes": self.quantized_nodes,
+            "fp32_nodes": [n.to_json() for n in self.fp32_nodes],
+            "target": self.target,
+            "target_met": self.target_met,
+            "fidelity": self.fidelity.to_json(),
+            "fusion": self.fusion.to_json(),
+            "sensitivity_top": [s.to_json() for s in self.sensitivity[:10]],
+            "candidates_tried": self.candidates_tried,
+            "preparation": self.prepare.to_json(),
+            "notes": self.notes,
+        }
+
+
+class _Evaluator:
+    """Fidelity of candidates against fp32 on the evaluation samples (reference cached)."""
+
+    def __init__(self, fp32: onnx.ModelProto, dataset: Dataset, indices: range) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        session = make_session(fp32, threads=None)
+        self.reference: list[list[np.ndarray]] = []
+        self.labels: list[int | None] = []
+        for sample in iter_range(dataset, indices):
+            self.reference.append(session.run(None, sample.feeds))
+            self.labels.append(sample.label)
+
+    def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
+        session = make_session(candidate, threads=None)
+        meter = FidelityMeter()
+        for sample, ref, label in zip(iter_range(self.dataset, self.indices), self.reference, self.labels):
+            meter.update(ref, session.run(None, sample.feeds), label)
+        return meter.result()
+
+
+def _target(config: Int8Config, classify: bool) -> dict[str, Any]:
+    if config.min_sqnr is not None:
+        return {"kind": "min_sqnr_db", "value": config.min_sqnr, "default": False}
+    if config.max_drop is not None:
+        return {"kind": "max_drop_points", "value": config.max_drop, "default": False}
+    if classify:
+        return {"kind": "max_drop_points", "value": DEFAULT_MAX_DROP, "default": True}
+    return {"kind": "min_sqnr_db", "value": DEFAULT_MIN_SQNR, "default": True}
+
+
+def _drop_points(fidelity: Fidelity) -> float:
+    if fidelity.accuracy_drop_points is not None:
+        return fidelity.accuracy_drop_points
+    if fidelity.top1_agreement is not None:
+        return 100.0 * (1.0 - fidelity.top1_agreement)
+    return math.inf
+
+
+def _meets(fidelity: Fidelity, target: dict[str, Any]) -> bool:
+    if target["kind"] == "min_sqnr_db":
+        return fidelity.sqnr_db >= target["value"]
+    return _drop_points(fidelity) <= target["value"] + 1e-9
+
+
+def _score(fidelity: Fidelity, target: dict[str, Any]) -> float:
+    """Higher is better, in the target's own terms."""
+    return fidelity.sqnr_db if target["kind"] == "min_sqnr_db" else -_drop_points(fidelity)
+
+
+def remove_redundant_qdq(model: onnx.ModelProto, quantize_nodes: list[str]) -> int:
+    """Bypass the named QuantizeLinear nodes and the DequantizeLinear nodes that read them."""
+    names = set(quantize_nodes)
+    rename: dict[str, str] = {}
+    drop: set[str] = set()
+    by_name = {n.name: n for n in model.graph.node}
+    graph_outputs = {o.name for o in model.graph.output}
+    for name in names:
+        q = by_name.get(name)
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        readers = [n for n in model.graph.node if q.output[0] in n.input]
+        if not readers or any(r.op_type != "DequantizeLinear" for r in readers):
+            continue
+        if any(r.output[0] in graph_outputs for r in readers) or q.output[0] in graph_outputs:
+            continue
+        drop.add(q.name)
+        for r in readers:
+            drop.add(r.name)
+            rename[r.output[0]] = q.input[0]
+    if not drop:
+        return 0
+    keep = [n for n in model.graph.node if n.name not in drop]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    cleanup(model)
+    return len([n for n in drop if by_name[n].op_type == "QuantizeLinear"])
+
+
+def _count_quantized(model: onnx.ModelProto) -> int:
+    """Compute nodes that read at least one dequantized activation."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
+
+
+def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config | None = None, *, progress: bool = False) -> Int8Result:
+    """Quantize ``model`` to static int8 QDQ, calibrated and checked on ``dataset``."""
+    config = config or Int8Config()
+    count = len(dataset)
+    if count == 0:
+        raise DataError("the calibration data holds no samples")
+    split = split_samples(count, config.max_calibration_samples)
+    check_samples = list(iter_range(dataset, range(split.evaluation.start, min(split.evaluation.start + 4, split.evaluation.stop))))
+    prepared, prep_report = prepare(model, check_samples)
+    ensure_node_names(prepared)
+
+    method = "mse" if config.method == "auto" else config.method
+    stats = collect_stats(
+        prepared,
+        iter_range(dataset, split.calibration),
+        histogram=method != "minmax",
+        progress=progress,
+        total=len(split.calibration),
+    )
+    ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in stats.items()}
+
+    evaluate = _Evaluator(prepared, dataset, split.evaluation)
+    classify = bool(evaluate.reference) and evaluate.reference[0][0].ndim == 2 and evaluate.reference[0][0].shape[1] > 1
+    target = _target(config, classify)
+    macs = count_macs(prepared).by_node
+
+    user_excluded = excluded_nodes(prepared, config.exclude)
+    fp32_nodes = [FallbackNode(n, _op(prepared, n), "excluded by --exclude") for n in user_excluded]
+
+    def build(extra_exclude: list[str]) -> tuple[onnx.ModelProto, FusionReport, list[FallbackNode]]:
+        """QDQ model with fusion-aware exclusions on top of ``extra_exclude``."""
+        excluded = list(dict.fromkeys(user_excluded + extra_exclude))
+        fusion_excluded: list[FallbackNode] = []
+        candidate = build_qdq(prepared, ranges, config, exclude=excluded)
+        report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
+        for _ in range(_FUSION_ROUNDS if config.fusion_aware else 0):
+            ours = {n.name for n in prepared.graph.node}
+            quantizable = set(config.quantized_op_types)
+            unfused = [u for u in report.unfused if u.node in ours and u.node not in excluded and u.op_type in quantizable]
+            if not unfused:
+                break
+            for u in unfused:
+                excluded.append(u.node)
+                fusion_excluded.append(FallbackNode(u.node, u.op_type, f"{config.provider} provider has no int8 kernel for it here (unfused)"))
+            candidate = build_qdq(prepared, ranges, config, exclude=excluded)
+            report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
+        if config.fusion_aware and report.redundant_qdq_pairs:
+            if remove_redundant_qdq(candidate, report.redundant_qdq_pairs):
+                report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
+        return candidate, report, fusion_excluded
+
+    candidate, fusion, fusion_fallback = build([])
+    fidelity = evaluate(candidate)
+    tried = 1
+    sensitivity: list[NodeSensitivity] = []
+    accuracy_fallback: list[FallbackNode] = []
+    if not _meets(fidelity, target):
+        sample_count = min(_SENSITIVITY_SAMPLES, len(split.evaluation))
+        probe = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + sample_count)))
+        sensitivity = node_sensitivity(prepared, candidate, probe)
+        ranked = [s for s in sensitivity if s.node not in user_excluded]
+        # k -> (score, model, fusion report, fidelity, fusion fallbacks); k=0 is the start.
+        tried_k: dict[int, tuple[float, onnx.ModelProto, FusionReport, Fidelity, list[FallbackNode]]] = {
+            0: (_score(fidelity, target), candidate, fusion, fidelity, fusion_fallback)
+        }
+
+        def attempt(k: int) -> bool:
+            cand, rep, ffb = build([s.node for s in ranked[:k]])
+            fid = evaluate(cand)
+            tried_k[k] = (_score(fid, target), cand, rep, fid, ffb)
+            return _meets(fid, target)
+
+        # Exponential, then binary search for the fewest fp32 nodes that meet the target.
+        lo, hi, k = 0, None, 1
+        while k < len(ranked) and hi is None:
+            if attempt(k):
+                hi = k
+            else:
+                lo, k = k, k * 2
+        if hi is None and ranked and attempt(len(ranked)):
+            hi = len(ranked)
+        if hi is not None:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if attempt(mid) else (mid, hi)
+            choice = hi
+        else:
+            choice = max(tried_k, key=lambda key: tried_k[key][0])
+        tried = len(tried_k)
+        _, candidate, fusion, fidelity, fusion_fallback = tried_k[choice]
+        for s in ranked[:choice]:
+            accuracy_fallback.append(
+                FallbackNode(s.node, s.op_type, f"accuracy: adds {s.added_noise_db:.1f} dB of noise (output SQNR {s.output_sqnr_db:.1f} dB)")
+            )
+    met = _meets(fidelity, target)
+    result = Int8Result(
+        model=candidate,
+        config=config,
+        prepare=prep_report,
+        fidelity=fidelity,
+        target=target,
+        target_met=met,
+        fp32_nodes=fp32_nodes + accuracy_fallback + fusion_fallback,
+        fusion=fusion,
+        sensitivity=sensitivity,
+        calibration_samples=len(split.calibration),
+        evaluation_samples=len(split.evaluation),
+        evaluation_overlaps_calibration=split.overlap,
+        reduce_range=decide_reduce_range(config),
+        quantized_nodes=_count_quantized(candidate),
+        candidates_tried=tried,
+    )
+    if split.overlap:
+        result.notes.append(f"only {count} samples: fidelity is measured on the calibration samples themselves (give 50 or more to hold some back)")
+    if not met:
+        result.notes.append("the accuracy target was not met even with fp32 fallback; this is the most accurate model found")
+    return result
+
+
+def _op(model: onnx.ModelProto, name: str) -> str:
+    return next((n.op_type for n in model.graph.node if n.name == name), "?")
