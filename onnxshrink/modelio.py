@@ -571,6 +571,27 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def check_output_path(path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> Path:
+    """Check that ``path`` may be written as an output (before doing expensive work).
+
+    Raises:
+        ModelSaveError: missing folder, a symbolic link or non-file at the path, or the input.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError("output folder does not exist", path=path)
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise ModelSaveError("output path is a symbolic link; refusing to follow it", path=path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelSaveError("output path exists and is not a regular file", path=path)
+        if input_path is not None and _same_file(path, Path(input_path)):
+            raise ModelSaveError("output would overwrite the input model; choose another -o path", path=path)
+    return path
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
@@ -590,18 +611,8 @@ def save_model(
     Raises:
         ModelSaveError: nothing was written and any previous output is intact.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError("output folder does not exist", path=path)
-    if os.path.lexists(path):
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise ModelSaveError("output path is a symbolic link; refusing to follow it", path=path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ModelSaveError("output path exists and is not a regular file", path=path)
-        if input_path is not None and _same_file(path, Path(input_path)):
-            raise ModelSaveError("output would overwrite the input model; choose another -o path", path=path)
+    path = check_output_path(path, input_path=input_path)
+    folder = path.parent
     if has_external_data(model):
         raise ModelSaveError("model still references external data; load its weights first", path=path)
     if external_data is None:

@@ -21,8 +21,8 @@ import onnx
 from onnxshrink import __version__
 from onnxshrink.bench.timing import measure_interleaved, paired_ratio
 from onnxshrink.data import DataOptions, Dataset, open_dataset
-from onnxshrink.errors import ConfigError
-from onnxshrink.modelio import load_model, save_model
+from onnxshrink.errors import ConfigError, ShrinkError
+from onnxshrink.modelio import check_output_path, load_model, save_model
 from onnxshrink.quantize import Int8Config, Int8Result, quantize_int8
 from onnxshrink.runtime import make_session
 from onnxshrink.stats import count_macs
@@ -146,9 +146,22 @@ def compare_latency(
 
 
 def shrink(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: ShrinkOptions) -> ShrinkOutcome:
-    """Compress ``model_path`` into ``output_path`` and measure the result."""
+    """Compress ``model_path`` into ``output_path`` and measure the result.
+
+    Raises:
+        ShrinkError: with the file it is about (the model, unless the data is to blame).
+    """
+    try:
+        return _shrink(Path(model_path), Path(output_path), options)
+    except ShrinkError as exc:
+        if exc.path is None and not isinstance(exc, ConfigError):
+            exc.path = str(model_path)
+        raise
+
+
+def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> ShrinkOutcome:
     start = time.perf_counter()
-    model_path, output_path = Path(model_path), Path(output_path)
+    check_output_path(output_path, input_path=model_path)
     original, info = load_model(model_path)
     if options.quantize is None:
         raise ConfigError("nothing to do: give --quantize int8 (or a pruning option)")

@@ -82,3 +82,46 @@ def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[
     options.log_severity_level = 3
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def fragile_head_net(*, seed: int = 0, size: int = 8, classes: int = 10, outlier_gain: float = 2000.0) -> onnx.ModelProto:
+    """A CNN whose feature map has one channel with a huge range (as in detection heads).
+
+    Channel 0 of the features is ``outlier_gain`` times larger than the rest, and the head
+    weights scale it back down, so fp32 outputs are ordinary; quantizing that feature map
+    with one scale per tensor wipes out every other channel.
+    """
+    rng = np.random.default_rng(seed)
+    c = 16
+    w1 = rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32)
+    w1[0] *= outlier_gain
+    w2 = rng.normal(0, 0.3, (c, c, 1, 1)).astype(np.float32)
+    w2[:, 0] /= outlier_gain
+    fc = rng.normal(0, 0.5, (classes, c * size * size)).astype(np.float32)
+    inits = [
+        _init("features.weight", w1),
+        _init("features.bias", np.zeros(c, np.float32)),
+        _init("head.weight", w2),
+        _init("head.bias", rng.normal(0, 0.1, c).astype(np.float32)),
+        _init("fc.weight", fc),
+        _init("fc.bias", np.zeros(classes, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "features.weight", "features.bias"], ["f"], name="features", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f"], ["fr"], name="features_relu"),
+        helper.make_node("Conv", ["fr", "head.weight", "head.bias"], ["h"], name="head"),
+        helper.make_node("Relu", ["h"], ["hr"], name="head_relu"),
+        helper.make_node("Flatten", ["hr"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fragile_head_net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxshrink.testing")
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model

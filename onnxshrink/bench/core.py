@@ -39,7 +39,7 @@ from onnxshrink.bench.memory import measure_memory
 from onnxshrink.bench.profiling import profile_model
 from onnxshrink.bench.schema import SCHEMA
 from onnxshrink.bench.timing import LatencyStats, measure_interleaved, paired_ratio, ratio_interval
-from onnxshrink.data import Dataset, DataOptions, RandomDataset, model_input_specs, open_dataset
+from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, DataError, ShrinkError
 from onnxshrink.modelio import ModelInfo, load_model, ort_model_source
 from onnxshrink.runtime import available_providers, make_session, resolve_provider, run
@@ -150,12 +150,11 @@ def _environment() -> dict[str, Any]:
     import onnxruntime as ort
 
     cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     return {
         "onnxshrink": __version__,
         "onnxruntime": ort.__version__,

@@ -24,7 +24,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:30px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px} th,td{padding:4px 9px;border-bottom:1px solid #eee}
-th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td{white-space:nowrap}
 .pass{color:#176b2c;font-weight:600} .fail{color:#b3261e;font-weight:600}
 .banner{padding:10px 14px;border-radius:6px;margin:14px 0;font-weight:600}
 .banner.pass{background:#e6f4ea} .banner.fail{background:#fce8e6} .banner.none{background:#f1f3f4;color:#444}
@@ -48,26 +48,35 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] | None =
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _ratio_cells(vs: dict[str, Any] | None) -> tuple[str, str]:
+    if vs is None:
+        return "baseline", "&ndash;"
+    low, high = vs["latency_ratio_ci95"]
+    return f"{vs['latency_ratio']:.3f} [{low:.3f}, {high:.3f}]", f"{vs['speedup']:.2f}&times;"
+
+
 def _summary(models: list[dict[str, Any]]) -> str:
     rows = []
     for m in models:
-        lat, vs = m["latency_ms"], m["vs_baseline"]
-        acc, fid = m["accuracy"] or {}, (vs or {}).get("fidelity") or {}
-        if vs is None:
-            ratio, speed = "baseline", "&ndash;"
-        else:
-            low, high = vs["latency_ratio_ci95"]
-            ratio, speed = f"{vs['latency_ratio']:.3f} [{low:.3f}, {high:.3f}]", f"{vs['speedup']:.2f}&times;"
+        lat = m["latency_ms"]
+        ratio, speed = _ratio_cells(m["vs_baseline"])
         rows.append([
-            f"<b>{escape(m['name'])}</b>", escape(human_bytes(m["size"]["total_bytes"])), ms(lat["p50"]), ms(lat["p90"]),
-            ms(lat["p99"]), ms(lat["mean"]), ms(lat["min"]), f"{m['throughput_per_s']:.0f}", ratio, speed,
-            f"{m['session_create_ms']:.1f}", escape(memory_text(m["memory"])), pct(acc.get("top1"), 2),
-            pct(acc.get("top5"), 2), pct(fid.get("top1_agreement"), 2), escape(num(fid.get("sqnr_db"), ".1f")),
-            escape(num(fid.get("cosine"), ".5f")),
+            f"<b>{escape(m['name'])}</b>", ms(lat["p50"]), ms(lat["p90"]), ms(lat["p99"]), ms(lat["mean"]),
+            ms(lat["min"]), f"{m['throughput_per_s']:.0f}", ratio, speed, f"{m['session_create_ms']:.1f}",
         ])  # fmt: skip
-    headers = ["model", "size", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "rows/s", "ratio [95% CI]",
-               "speed-up", "create ms", "peak mem", "top-1", "top-5", "agreement", "SQNR dB", "cosine"]  # fmt: skip
-    return _table(headers, rows, numeric=set(range(1, 17)))
+    latency = _table(["model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "rows/s", "ratio [95% CI]",
+                      "speed-up", "create ms"], rows, numeric=set(range(1, 10)))  # fmt: skip
+    rows = []
+    for m in models:
+        acc, fid = m["accuracy"] or {}, (m["vs_baseline"] or {}).get("fidelity") or {}
+        rows.append([
+            f"<b>{escape(m['name'])}</b>", escape(human_bytes(m["size"]["total_bytes"])), escape(memory_text(m["memory"])),
+            pct(acc.get("top1"), 2), pct(acc.get("top5"), 2), pct(fid.get("top1_agreement"), 2),
+            escape(num(fid.get("sqnr_db"), ".1f")), escape(num(fid.get("cosine"), ".5f")),
+        ])  # fmt: skip
+    quality = _table(["model", "size", "peak mem", "top-1", "top-5", "agreement", "SQNR dB", "cosine"], rows,
+                     numeric=set(range(1, 8)))  # fmt: skip
+    return latency + quality
 
 
 def _gates(payload: dict[str, Any]) -> str:
@@ -103,7 +112,7 @@ def _scatter(payload: dict[str, Any]) -> str:
         what = "top-1 agreement with the baseline (the baseline is 100% by definition) on " + (
             "RANDOM inputs: it says little about real data" if kind == "random" else "unlabelled data"
         )
-    chart = svg.scatter(points, x_label="p50 latency (ms)", y_label=y_label)
+    chart = svg.scatter(points, x_label="p50 latency (ms)", y_label=y_label, y_cap=100.0)
     return chart + f'<p class="caption">Up and to the left is better. y: {escape(what)}; x: median latency per run.</p>'
 
 
@@ -161,11 +170,22 @@ def _fusion(payload: dict[str, Any]) -> str:
     models = [m for m in payload["models"] if m["fusion"]]
     if not models:
         return '<p class="caption">Fusion lint not available in this run.</p>'
-    parts = []
+    rows = []
     for m in models:
-        text = json.dumps(m["fusion"], indent=1)
-        parts.append(f"<p><b>{escape(m['name'])}</b></p><pre>{escape(text[:20000])}</pre>")
-    return "".join(parts)
+        f = m["fusion"]
+        unfused = ", ".join(f"{op} &times;{k}" for op, k in f.get("unfused_by_op_type", {}).items()) or "none"
+        rows.append([
+            f"<b>{escape(m['name'])}</b>", str(f.get("int8_kernels", "-")), pct(f.get("int8_mac_fraction")),
+            unfused, str(f.get("remaining_quantize_linear", "-")), str(f.get("remaining_dequantize_linear", "-")),
+            escape(str(f.get("summary", ""))),
+        ])  # fmt: skip
+    table = _table(["model", "int8 kernels", "MACs in int8", "left in float", "Q left", "DQ left", "summary"], rows, {1, 2, 4, 5})
+    raw = "".join(f"<p><b>{escape(m['name'])}</b></p><pre>{escape(json.dumps(m['fusion'], indent=1)[:20000])}</pre>" for m in models)
+    caption = (
+        '<p class="caption">From onnxruntime\'s optimised graph for this provider: which quantized units became '
+        "int8 kernels and which compute ops stayed in float between Q/DQ nodes (onnxshrink.fusion).</p>"
+    )
+    return table + caption + f"<details><summary>Details</summary>{raw}</details>"
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -194,7 +214,8 @@ def render(payload: dict[str, Any]) -> str:
         "<h2>Latency distribution</h2>",
         svg.box_plot([(m["name"], m["latency_ms"]["samples_ms"]) for m in models]),
         '<p class="caption">Each dot is one timed run. Box: 25th to 75th percentile; thick line: median; '
-        "whiskers: 1st and 99th percentiles.</p>",
+        "whiskers: 1st and 99th percentiles. The axis is logarithmic when the slowest run is over 4&times; the "
+        "fastest.</p>",
         "<h2>Accuracy vs latency</h2>", _scatter(payload),
         "<h2>Time by op type</h2>", _ops(payload),
         "<h2>Fusion lint</h2>", _fusion(payload),

@@ -24,12 +24,19 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    ticks = []
-    t = start
-    while t <= hi + step * 0.5:
-        ticks.append(round(t, 10))
-        t += step
+    ticks = [round(start, 10)]
+    while ticks[-1] < hi - step * 1e-9:
+        ticks.append(round(start + len(ticks) * step, 10))
     return ticks
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks for a log axis, the first <= ``lo`` and the last >= ``hi`` (both > 0)."""
+    lo, hi = max(lo, 1e-12), max(hi, lo * 1.0001)
+    series = [m * 10.0**d for d in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    first = max(t for t in series if t <= lo * (1 + 1e-9))
+    last = min(t for t in series if t >= hi * (1 - 1e-9))
+    return [float(f"{t:.6g}") for t in series if first <= t <= last]
 
 
 def _fmt(v: float) -> str:
@@ -55,23 +62,27 @@ def _x_axis(ticks: Sequence[float], sx: object, y0: float, y1: float, label: str
 
 
 def box_plot(series: Sequence[tuple[str, Sequence[float]]], *, unit: str = "ms", width: int = 920) -> str:
-    """Horizontal box plots, one row per series, over a strip of every sample.
+    """Horizontal box plots on a log axis, one row per series, over a strip of every sample.
 
-    Box: 25th-75th percentile; thick line: median; whiskers: 1st and 99th percentiles.
+    Box: 25th-75th percentile; thick line: median; whiskers: 1st and 99th percentiles. When the
+    slowest run is over 4x the fastest, the axis is logarithmic: rare slow runs (a busy machine)
+    stay on the chart without squashing the boxes, and equal ratios show as equal distances.
     """
-    left, right, row_h, top = 170, 90, 46, 10
+    left, right, row_h, top = 170, 120, 46, 10
     height = top + row_h * len(series) + 48
-    all_values = np.concatenate([np.asarray(v, dtype=float) for _, v in series]) if series else np.zeros(1)
-    lo, hi = float(np.min(all_values)), float(np.percentile(all_values, 99.5))
-    pad = (hi - lo) * 0.05 or max(hi, 1e-9) * 0.05
-    ticks = nice_ticks(max(0.0, lo - pad), hi + pad)
-    x0, x1 = ticks[0], ticks[-1]
-    span = x1 - x0 or 1.0
+    values_all = [float(x) for _, v in series for x in v if x > 0] or [1.0]
+    lo, hi = min(values_all), max(values_all)
+    log = hi / lo > 4  # a linear axis reads better when everything is within a small factor
+    ticks = log_ticks(lo, hi) if log else nice_ticks(max(0.0, lo - (hi - lo) * 0.05), hi + (hi - lo) * 0.05)
+    f = math.log10 if log else float
+    a0, a1 = f(ticks[0]), f(ticks[-1])
 
     def sx(v: float) -> float:
-        return left + (min(max(v, x0), x1) - x0) / span * (width - left - right)
+        v = min(max(v, ticks[0]), ticks[-1])
+        return left + (f(v) - a0) / ((a1 - a0) or 1.0) * (width - left - right)
 
-    body = _x_axis(ticks, sx, top, top + row_h * len(series), f"latency per run ({unit})", (left + width - right) / 2)
+    label = f"latency per run ({unit}{', log scale' if log else ''})"
+    body = _x_axis(ticks, sx, top, top + row_h * len(series), label, (left + width - right) / 2)
     rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same picture
     for i, (name, values) in enumerate(series):
         v = np.asarray(values, dtype=float)
@@ -90,21 +101,33 @@ def box_plot(series: Sequence[tuple[str, Sequence[float]]], *, unit: str = "ms",
             f'fill="{c}" fill-opacity="0.45" stroke="{c}"/>'
         )
         body.append(f'<line x1="{sx(p50):.1f}" y1="{cy - h / 2:.1f}" x2="{sx(p50):.1f}" y2="{cy + h / 2:.1f}" stroke="#111" stroke-width="2.5"/>')
-        if float(np.max(v)) > x1:
-            body.append(f'<text x="{width - right + 4}" y="{cy - 8:.1f}" fill="#888" font-size="10">max {_fmt(float(np.max(v)))} &#8594;</text>')
-        body.append(f'<text x="{width - right + 4}" y="{cy + 8:.1f}" fill="#222">p50 {_fmt(round(float(p50), 4))}</text>')
+        body.append(f'<text x="{width - right + 14}" y="{cy + 4:.1f}" fill="#222">p50 {_fmt(round(float(p50), 4))}</text>')
     return _svg(width, height, body, "latency distribution per model")
 
 
-def scatter(points: Sequence[tuple[str, float, float]], *, x_label: str, y_label: str, width: int = 620, height: int = 380) -> str:
-    """Labelled points; colours follow the series order of the other charts."""
+def scatter(
+    points: Sequence[tuple[str, float, float]],
+    *,
+    x_label: str,
+    y_label: str,
+    y_cap: float | None = None,
+    width: int = 620,
+    height: int = 380,
+) -> str:
+    """Labelled points; colours follow the series order of the other charts.
+
+    ``y_cap`` bounds the y axis (100 for percentages) when the data allow it.
+    """
     left, right, top, bottom = 70, 150, 16, 50
     xs = [p[1] for p in points] or [0.0]
     ys = [p[2] for p in points] or [0.0]
     xpad = (max(xs) - min(xs)) * 0.15 or max(abs(max(xs)), 1e-9) * 0.1
     ypad = (max(ys) - min(ys)) * 0.15 or max(abs(max(ys)), 1e-9) * 0.01 or 1.0
     xt = nice_ticks(max(0.0, min(xs) - xpad), max(xs) + xpad)
-    yt = nice_ticks(min(ys) - ypad, max(ys) + ypad)
+    y_hi = max(ys) + ypad
+    if y_cap is not None and max(ys) <= y_cap:
+        y_hi = min(y_hi, y_cap)
+    yt = nice_ticks(min(ys) - ypad, y_hi)
 
     def sx(v: float) -> float:
         return left + (v - xt[0]) / ((xt[-1] - xt[0]) or 1) * (width - left - right)
@@ -136,7 +159,7 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, uni
     ticks = nice_ticks(0.0, total_max)
     plot_h = (bar_h + gap) * len(rows)
     legend_rows = math.ceil(len(keys) / 6)
-    height = top + plot_h + 44 + 20 * legend_rows
+    height = top + plot_h + 62 + 20 * legend_rows
 
     def sx(v: float) -> float:
         return left + v / (ticks[-1] or 1) * (width - left - right)
@@ -154,7 +177,7 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, uni
             )
             acc += value
         body.append(f'<text x="{sx(acc) + 6:.1f}" y="{y + bar_h / 2 + 4:.1f}" fill="#222">{acc:.0f}</text>')
-    ly = top + plot_h + 44
+    ly = top + plot_h + 62
     for k, key in enumerate(keys):
         lx = left + (k % 6) * 120
         yy = ly + (k // 6) * 20

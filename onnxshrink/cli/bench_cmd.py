@@ -38,7 +38,7 @@ def _list_providers(as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("models", nargs=-1, type=MODEL_PATH)
+@click.argument("models", nargs=-1, type=MODEL_PATH, metavar="BASELINE [CANDIDATE]...")
 @click.option("--provider", default="cpu", show_default=True, metavar="NAME",
               help="Execution provider: cpu, cuda, tensorrt, openvino, dml, coreml, rocm, migraphx, qnn, xnnpack "
               "or a full onnxruntime name. A provider this onnxruntime lacks is an error (exit 2), never a silent CPU run.")  # fmt: skip

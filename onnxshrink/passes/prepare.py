@@ -89,10 +89,21 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return version_converter.convert_version(model, target)
 
 
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """Refuse float initializers holding NaN or infinity (they make every scale invalid)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            values = onnx.numpy_helper.to_array(tensor)
+            if not np.all(np.isfinite(values)):
+                bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+                raise UnsupportedModelError(f"initializer '{tensor.name}' contains {bad} NaN or infinite value(s)")
+
+
 def prepare(model: onnx.ModelProto, samples: list[Sample], *, min_opset: int = 13) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return a folded, cleaned copy of ``model`` whose outputs match it on ``samples``."""
     if is_quantized(model):
         raise UnsupportedModelError("the model is already quantized (it has Q/DQ or QLinear nodes); give the fp32 model")
+    check_finite_weights(model)
     report = PrepareReport(nodes_before=len(model.graph.node))
     current = model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), min_opset)

@@ -168,6 +168,26 @@ class Classes:
         return sorted(self.units)
 
 
+@dataclass(frozen=True)
+class FilterSource:
+    """Producer weights whose slices along ``axis`` are the filters of ``space``."""
+
+    space: int
+    node: int
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class GammaSource:
+    """A norm scale: entries ``[offset, offset + size)`` of input ``input`` scale ``space``."""
+
+    space: int
+    node: int
+    input: int
+    offset: int
+
+
 # --------------------------------------------------------------------------- edits
 
 

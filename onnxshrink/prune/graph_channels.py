@@ -30,6 +30,8 @@ from onnxshrink.prune._layout import (
     ChannelInfo,
     Classes,
     Edit,
+    FilterSource,
+    GammaSource,
     Layout,
     MacTerm,
     Seg,
@@ -42,26 +44,6 @@ from onnxshrink.prune._layout import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FilterSource:
-    """Producer weights whose slices along ``axis`` are the filters of ``space``."""
-
-    space: int
-    node: int
-    input: int
-    axis: int
-
-
-@dataclass(frozen=True)
-class GammaSource:
-    """A norm scale: entries ``[offset, offset + size)`` of input ``input`` scale ``space``."""
-
-    space: int
-    node: int
-    input: int
-    offset: int
 
 
 @dataclass
@@ -202,10 +184,12 @@ class Analyzer:
     # ------------------------------------------------------------------ driving
 
     def run(self) -> None:
-        from onnxshrink.prune._rules import RULES
+        from onnxshrink.prune._rules import PRODUCERS, RULES
 
         for i, node in enumerate(self.ix.nodes):
             ins = [self.info.get(name) if name else None for name in node.input]
+            if not any(ins) and node.op_type not in PRODUCERS:
+                continue  # nothing prunable flows through this node
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if rule is None:
                 what = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"

@@ -65,6 +65,8 @@ class NodeInfo:
     outputs: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
     opset: int = 17
+    domain: str = ""
+    index: int = 0  # position in the original graph's node list
 
     def get(self, key: str, default: Any = None) -> Any:
         """The attribute ``key``, or ``default`` when the node does not set it."""
@@ -98,6 +100,8 @@ class NodeInfo:
             outputs=tuple(node.output),
             attrs=attrs,
             opset=opset,
+            domain=node.domain,
+            index=index,
         )
 
 

@@ -162,7 +162,7 @@ def gather(node: NodeInfo, x: Tensor, indices: Tensor) -> Tensor:
     idx = indices.long()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
+    return out.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]])
 
 
 @register("GatherElements")

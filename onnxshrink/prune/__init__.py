@@ -1,0 +1,1 @@
+"""Pruning passes (placeholder, filled below)."""

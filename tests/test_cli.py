@@ -1,0 +1,156 @@
+"""The command line, through click's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import CANARY, SAMPLES, make_external, tree_bytes, write_model
+from onnxshrink.cli import cli, main
+from onnxshrink.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_USAGE
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0 and "inspect" in result.output and "shrink" in result.output
+    assert "Exit codes" in result.output
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("onnxshrink ")
+
+
+@pytest.mark.parametrize("name", ["plain_cnn", "resnet_mini", "mobilenet_mini"])
+def test_inspect_json_on_sample_models(name, capsys):
+    code, out, err = run_main(["inspect", str(SAMPLES / f"{name}.onnx"), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "onnxshrink.inspect/1"
+    assert doc["inputs"][0]["name"] == "input" and doc["inputs"][0]["shape"] == ["batch", 1, 28, 28]
+    assert doc["outputs"][0]["name"] == "logits"
+    assert doc["parameters"] > 10_000 and doc["macs"]["total"] > 1_000_000
+    assert doc["macs"]["flops"] == 2 * doc["macs"]["total"]
+    assert doc["op_types"]["Conv"] >= 2
+    assert doc["size"]["model_file_bytes"] == (SAMPLES / f"{name}.onnx").stat().st_size
+    assert doc["opsets"]["ai.onnx"] >= 13
+
+
+def test_inspect_table_and_shape_override(capsys):
+    code, out, _ = run_main(["inspect", str(SAMPLES / "plain_cnn.onnx"), "--shape", "input=4x1x28x28"], capsys)
+    assert code == 0
+    assert "MACs" in out and "input=4x1x28x28" in out and "Conv" in out
+
+
+def test_inspect_mac_count_scales_with_batch(capsys):
+    one = json.loads(run_main(["inspect", str(SAMPLES / "resnet_mini.onnx"), "--json"], capsys)[1])
+    four = json.loads(run_main(["inspect", str(SAMPLES / "resnet_mini.onnx"), "--json", "--shape", "input=4x1x28x28"], capsys)[1])
+    assert four["macs"]["total"] == 4 * one["macs"]["total"]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["inspect", "/nonexistent/model.onnx"], EXIT_BAD_INPUT, "model file not found"),
+        (["inspect", "/dev/null"], EXIT_BAD_INPUT, "not a regular file"),
+        (["inspect", str(SAMPLES / "plain_cnn.onnx"), "--shape", "nope=1x2"], EXIT_USAGE, "unknown input"),
+        (["inspect", str(SAMPLES / "plain_cnn.onnx"), "--bogus"], EXIT_USAGE, "No such option"),
+        (["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", "/tmp/x.onnx"], EXIT_USAGE, "--calib"),
+        (["frobnicate"], EXIT_USAGE, "No such command"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(args, code, message, capsys):
+    got, out, err = run_main(args, capsys)
+    assert got == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxshrink: error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_unsafe_external_data_via_subprocess(tmp_path, small_model, canary):
+    folder = tmp_path / "model_dir"
+    folder.mkdir()
+    make_external(small_model.graph.initializer[0], "../outside/secret.bin")
+    model = write_model(small_model, folder / "model.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["inspect", str(model)], ["shrink", str(model), "-o", str(out / "o.onnx"), "--calib", "random"]):
+        proc = subprocess.run([sys.executable, "-m", "onnxshrink", *argv], capture_output=True, timeout=120)
+        assert proc.returncode == EXIT_BAD_INPUT
+        err = proc.stderr.decode()
+        assert err.count("\n") == 1 and f"onnxshrink: error: {model}: " in err and "outside the model folder" in err
+        assert CANARY not in proc.stdout + proc.stderr
+    assert list(out.iterdir()) == []
+    assert CANARY not in tree_bytes(folder)
+
+
+def test_traceback_flag_shows_the_trace(capsys):
+    code, _, err = run_main(["--traceback", "inspect", "/nonexistent.onnx"], capsys)
+    assert code == EXIT_BAD_INPUT and "Traceback" in err
+
+
+def test_shrink_json_report(tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = run_main(
+        ["shrink", str(SAMPLES / "resnet_mini.onnx"), "-o", str(out), "--calib", str(SAMPLES / "digits_calib.npz"), "--json"], capsys
+    )
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["schema"] == "onnxshrink.shrink/1"
+    assert doc["output"] == str(out) and out.exists()
+    assert doc["size"]["after_bytes"] < doc["size"]["before_bytes"] / 2
+    int8 = doc["int8"]
+    assert int8["target_met"] and int8["fidelity"]["top1_agreement"] >= 0.99
+    assert int8["fusion"]["int8_mac_fraction"] > 0.95
+    assert int8["calibration_samples"] + int8["evaluation_samples"] == 500
+    assert doc["latency"]["ratio"] > 0 and doc["conversion"]["peak_rss_mb"] > 0
+    assert isinstance(int8["fp32_nodes"], list)
+
+
+def test_shrink_gate_failure_writes_the_model_and_exits_3(tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    code, _, err = run_main(
+        ["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", str(out), "--calib", str(SAMPLES / "digits_calib.npz"),
+         "--min-sqnr", "200", "--no-timing"],
+        capsys,
+    )
+    assert code == EXIT_GATE
+    assert out.exists()
+    assert err.strip().splitlines()[-1].startswith(f"onnxshrink: error: {out}: accuracy target")
+
+
+def test_shrink_never_overwrites_the_input(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((SAMPLES / "plain_cnn.onnx").read_bytes())
+    before = src.read_bytes()
+    code, _, err = run_main(["shrink", str(src), "-o", str(src), "--calib", "random", "--no-timing"], capsys)
+    assert code == EXIT_BAD_INPUT and "overwrite the input" in err
+    assert src.read_bytes() == before
+
+
+def test_shrink_with_bad_calibration_data(tmp_path, capsys):
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, wrong_name=np.zeros((4, 1, 28, 28), np.float32))
+    code, _, err = run_main(["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", str(tmp_path / "o.onnx"), "--calib", str(bad)], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert f"{bad}: has no array for model input(s) ['input']" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_console_script_runs(tmp_path):
+    exe = Path(sys.executable).parent / "onnxshrink"
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    proc = subprocess.run([str(exe), "inspect", str(SAMPLES / "plain_cnn.onnx")], capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert proc.returncode == 0 and "Parameters" in proc.stdout

@@ -1,0 +1,109 @@
+"""int8 quantization end to end: real sample models, real data, real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SAMPLES
+from onnxshrink.data import NpzDataset, RandomDataset, model_input_specs, open_dataset
+from onnxshrink.errors import DataError, ShrinkError
+from onnxshrink.fusion import analyze_fusion
+from onnxshrink.modelio import load_model
+from onnxshrink.quantize import Int8Config, quantize_int8
+from onnxshrink.runtime import make_session
+from onnxshrink.testing import conv_net, fragile_head_net
+
+SAMPLE_MODELS = ["plain_cnn", "resnet_mini", "mobilenet_mini"]
+
+
+def _accuracy(model: onnx.ModelProto, path) -> float:
+    data = np.load(path)
+    session = make_session(model, threads=None)
+    logits = session.run(None, {"input": data["input"]})[0]
+    return float(np.mean(logits.argmax(axis=1) == data["labels"]))
+
+
+@pytest.fixture(scope="module")
+def quantized_samples():
+    results = {}
+    for name in SAMPLE_MODELS:
+        model, _ = load_model(SAMPLES / f"{name}.onnx")
+        results[name] = (model, quantize_int8(model, open_dataset(SAMPLES / "digits_calib.npz", model)))
+    return results
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_sample_models_keep_accuracy(quantized_samples, name):
+    model, result = quantized_samples[name]
+    fp32 = _accuracy(model, SAMPLES / "digits_eval.npz")
+    int8 = _accuracy(result.model, SAMPLES / "digits_eval.npz")
+    assert fp32 > 0.95
+    assert fp32 - int8 <= 0.005, f"{name}: fp32 {fp32:.4f} int8 {int8:.4f}"
+    assert result.target_met
+    assert result.fidelity.sqnr_db > 20
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_sample_models_run_in_int8_kernels(quantized_samples, name):
+    """The model onnxruntime executes is int8 where the MACs are, with no Q/DQ churn."""
+    _, result = quantized_samples[name]
+    ops = {n.op_type for n in result.model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    report = analyze_fusion(result.model)
+    assert report.int8_mac_fraction is not None and report.int8_mac_fraction > 0.95
+    quantizable = set(Int8Config().quantized_op_types)
+    assert not [u for u in report.unfused if u.op_type in quantizable], report.unfused
+    assert not report.redundant_qdq_pairs
+    assert all(n.op_type != "BatchNormalization" for n in result.model.graph.node), "BN must be folded"
+
+
+def test_fragile_model_falls_back_and_names_the_node(tmp_path):
+    model = fragile_head_net()
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x)
+    dataset = NpzDataset(tmp_path / "calib.npz", model_input_specs(model))
+    naive = quantize_int8(model, dataset, Int8Config(max_drop=100.0))
+    assert naive.fidelity.top1_agreement < 0.5, "the test model must really be fragile"
+    result = quantize_int8(model, dataset, Int8Config(max_drop=1.0))
+    assert result.target_met
+    assert result.fidelity.top1_agreement >= 0.99
+    kept = {n.node: n.reason for n in result.fp32_nodes}
+    assert "head" in kept and kept["head"].startswith("accuracy")
+    assert result.sensitivity[0].node == "head"
+
+
+def test_sqnr_target_for_non_classifiers(tmp_path):
+    model = conv_net(classes=1, seed=3)
+    dataset = RandomDataset(model_input_specs(model), count=60, shapes={"input": [1, 3, 16, 16]})
+    result = quantize_int8(model, dataset, Int8Config(min_sqnr=25.0))
+    assert result.target == {"kind": "min_sqnr_db", "value": 25.0, "default": False}
+    assert result.fidelity.top1_agreement is None
+    assert result.target_met == (result.fidelity.sqnr_db >= 25.0)
+
+
+def test_non_finite_weights_are_refused():
+    model = conv_net()
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.inf
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, model.graph.initializer[0].name))
+    dataset = RandomDataset(model_input_specs(model), count=8)
+    with pytest.raises(ShrinkError, match="initializer .conv0.weight. contains 1 NaN or infinite"):
+        quantize_int8(model, dataset)
+
+
+def test_non_finite_calibration_data_is_refused(tmp_path):
+    model = conv_net()
+    x = np.zeros((4, 3, 16, 16), np.float32)
+    x[2, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", input=x)
+    with pytest.raises(DataError, match="NaN"):
+        quantize_int8(model, NpzDataset(tmp_path / "bad.npz", model_input_specs(model)))
+
+
+def test_already_quantized_model_is_refused(quantized_samples):
+    _, result = quantized_samples["plain_cnn"]
+    dataset = open_dataset(SAMPLES / "digits_calib.npz", result.model)
+    with pytest.raises(ShrinkError, match="already quantized"):
+        quantize_int8(result.model, dataset)
