@@ -180,10 +180,34 @@ def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]
     return shapes, unresolved
 
 
+#: Initializers with more elements than this are copied without their values for shape
+#: inference (their dims are all it needs; shape constants are small and keep theirs).
+_SKELETON_MAX_ELEMENTS = 1024
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers keep name, type and dims but no data."""
+    skeleton = onnx.ModelProto()
+    graph = model.graph
+    big = [t for t in graph.initializer if math.prod(t.dims) > _SKELETON_MAX_ELEMENTS]
+    saved = [(t, t.raw_data) for t in big if t.HasField("raw_data")]
+    for t, _ in saved:
+        t.ClearField("raw_data")
+    try:
+        skeleton.CopyFrom(model)
+    finally:
+        for t, data in saved:
+            t.raw_data = data
+    for t in skeleton.graph.initializer:
+        if math.prod(t.dims) > _SKELETON_MAX_ELEMENTS:
+            for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(name)
+    return skeleton
+
+
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """A weightless copy of the graph whose inputs have the given fixed shapes."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
+    skeleton = weightless_copy(model)
     for value in skeleton.graph.input:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim

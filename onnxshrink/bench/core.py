@@ -25,7 +25,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -35,30 +34,38 @@ import onnx
 
 from onnxshrink import __version__
 from onnxshrink.bench import gates as gates_mod
+from onnxshrink.bench.evaluate import evaluate, take_batches
 from onnxshrink.bench.memory import measure_memory
-from onnxshrink.bench.profiling import profile_model
+from onnxshrink.bench.profiling import profile_model, require_provider
 from onnxshrink.bench.schema import SCHEMA
-from onnxshrink.bench.timing import LatencyStats, measure_interleaved, paired_ratio, ratio_interval
+from onnxshrink.bench.timing import (
+    LatencyStats,
+    block_ratios,
+    measure_interleaved,
+    paired_ratio,
+    ratio_interval,
+)
 from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, DataError, ShrinkError
 from onnxshrink.modelio import ModelInfo, load_model, ort_model_source
-from onnxshrink.runtime import available_providers, make_session, resolve_provider, run
+from onnxshrink.runtime import available_providers, make_session, resolve_provider
 from onnxshrink.stats import concrete_input_shapes, count_macs, graph_inputs, value_signature
-from onnxshrink.verify import FidelityMeter, looks_like_class_scores
+from onnxshrink.verify import FidelityMeter
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """How to benchmark (every field has a command-line flag, named in brackets)."""
+    """How to benchmark (a field set by a command-line flag names it in brackets)."""
 
     provider: str = "cpu"  # [--provider] short name or full onnxruntime provider name
     provider_options: dict[str, str] = field(default_factory=dict)  # [--provider-option]
     threads: int | None = 1  # [--threads] intra-op threads; 0 or None: onnxruntime decides
     batch: int = 1  # [--batch]
     shapes: dict[str, list[int]] = field(default_factory=dict)  # [--shape] full input shapes
-    runs: int = 100  # [--runs] timed rounds
+    runs: int = 100  # [--runs] timed rounds, at least
+    min_time: float = 1.0  # [--min-time] seconds of timed rounds, at least (more rounds if needed)
     warmup: int = 10  # [--warmup] untimed rounds
     data: str | None = None  # [--data] npz / folder; None: seeded random inputs
     seed: int = 0  # [--seed] random inputs and the bootstrap
@@ -76,6 +83,8 @@ class BenchConfig:
             raise ConfigError(f"--batch must be at least 1, not {self.batch}")
         if self.runs < 3:
             raise ConfigError(f"--runs must be at least 3, not {self.runs}")
+        if self.min_time < 0:
+            raise ConfigError(f"--min-time must not be negative, not {self.min_time}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must not be negative, not {self.warmup}")
         if self.threads is not None and self.threads < 0:
@@ -112,38 +121,18 @@ def _input_shapes(model: onnx.ModelProto, config: BenchConfig) -> dict[str, list
     for value in graph_inputs(model):
         if value.name in config.shapes:
             if config.batch != 1 and shapes[value.name][0] != config.batch:
-                raise ConfigError(f"--shape {value.name} has batch {shapes[value.name][0]}, --batch says {config.batch}")
+                raise ConfigError(
+                    f"--shape {value.name} has batch {shapes[value.name][0]}, --batch says {config.batch}"
+                )
             continue
         dims = value_signature(value).shape or []
         if dims and not isinstance(dims[0], int):
             shapes[value.name][0] = config.batch
         elif config.batch != 1 and dims and dims[0] != config.batch:
-            raise ConfigError(f"input '{value.name}' has a fixed batch size of {dims[0]}; --batch {config.batch} cannot apply")
+            raise ConfigError(
+                f"input '{value.name}' has a fixed batch size of {dims[0]}; --batch {config.batch} cannot apply"
+            )
     return shapes
-
-
-def _batches(dataset: Dataset, batch: int, *, fixed_batch: bool) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    """Samples stacked ``batch`` at a time along axis 0, with their labels."""
-    pending: list[Any] = []
-    for sample in dataset:
-        pending.append(sample)
-        if len(pending) == batch:
-            yield _stack(pending)
-            pending = []
-    if pending and not fixed_batch:
-        yield _stack(pending)
-
-
-def _stack(samples: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    if len(samples) == 1:
-        feeds = samples[0].feeds
-    else:
-        try:
-            feeds = {k: np.concatenate([s.feeds[k] for s in samples], axis=0) for k in samples[0].feeds}
-        except ValueError as exc:
-            raise DataError(f"samples of different shapes cannot be batched ({exc}); use --batch 1") from None
-    labels = None if samples[0].label is None else np.asarray([s.label for s in samples], dtype=np.int64)
-    return feeds, labels
 
 
 def _environment() -> dict[str, Any]:
@@ -168,18 +157,54 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not on Windows
+        return None
+
+
+#: Block ratios further apart than this (relative to the ratio) earn a note.
+DRIFT_WARN = 0.10
+
+
+def _stability_notes(entries: list[dict[str, Any]], load: list[float] | None) -> list[str]:
+    notes = []
+    cpus = os.cpu_count() or 1
+    if load is not None and load[0] > cpus:
+        notes.append(
+            f"the machine was busy (1-minute load average {load[0]:g} on {cpus} logical CPUs): other work can "
+            "slow different models by different factors, so latency ratios may not repeat; gate on a quiet machine"
+        )
+    for m in entries[1:]:
+        vs = m["vs_baseline"]
+        blocks = vs["latency_ratio_blocks"]
+        spread = (max(blocks) - min(blocks)) / vs["latency_ratio"]
+        if spread > DRIFT_WARN:
+            values = ", ".join(f"{b:.3f}" for b in blocks)
+            notes.append(
+                f"{m['name']}: the latency ratio drifted during the run (by quarter: {values}); the machine's load "
+                "changed, and the 95% interval, which assumes it did not, is too narrow"
+            )
+    return notes
+
+
 class _Bar:
     """One tqdm bar on stderr for the whole run; silent when disabled or not a terminal."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, file=sys.stderr, disable=None if enabled else True, unit="step", leave=False)
+        self._bar = tqdm(
+            total=total, file=sys.stderr, disable=None if enabled else True, unit="step", leave=False
+        )
 
     def phase(self, name: str) -> None:
         self._bar.set_description(name)
 
     def step(self, n: int = 1) -> None:
+        if self._bar.total is not None and self._bar.n + n > self._bar.total:
+            self._bar.total = self._bar.n + n  # --min-time added rounds
         self._bar.update(n)
 
     def close(self) -> None:
@@ -193,13 +218,17 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
     provider_full = resolve_provider(config.provider)
     if config.gates.any() and len(paths) < 2:
         raise ConfigError("gates compare candidates with the baseline: give at least two models")
+    load_before = _load_average()
     models = [_Model(n, p, *load_model(p)) for n, p in zip(_unique_names(paths), paths)]
     base = models[0]
     input_names = [v.name for v in graph_inputs(base.proto)]
     for m in models[1:]:
         names = [v.name for v in graph_inputs(m.proto)]
         if sorted(names) != sorted(input_names):
-            raise ShrinkError(f"inputs {names} differ from the baseline's {input_names}; models must take the same inputs", path=m.path)
+            raise ShrinkError(
+                f"inputs {names} differ from the baseline's {input_names}; models must take the same inputs",
+                path=m.path,
+            )
     notes: list[str] = []
     specs = model_input_specs(base.proto)
     fixed_batch = any(s.shape and isinstance(s.shape[0], int) for s in specs)
@@ -212,15 +241,28 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
             "describe behaviour on noise, not on real data, and there is no accuracy"
         )
     else:
+        if config.shapes:
+            raise ConfigError(
+                "--shape sets the shape of random inputs; with --data the samples' shapes are used"
+            )
+        fixed = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)]
+        if fixed and fixed[0] != config.batch:
+            raise ConfigError(
+                f"the model has a fixed batch size of {fixed[0]}; --batch {config.batch} cannot apply"
+            )
         dataset = open_dataset(config.data, base.proto, DataOptions(seed=config.seed))
         data_kind = "labelled" if dataset.has_labels else "unlabelled"
         if len(dataset) < config.batch:
-            raise DataError(f"holds {len(dataset)} samples, fewer than --batch {config.batch}", path=config.data)
+            raise DataError(
+                f"holds {len(dataset)} samples, fewer than --batch {config.batch}", path=config.data
+            )
     # Random samples are whole batches already; data samples are stacked --batch at a time.
     group = 1 if data_kind == "random" else config.batch
     eval_batches = len(dataset) // group + (0 if fixed_batch or len(dataset) % group == 0 else 1)
     n = len(models)
-    total = 2 * n + config.warmup + max(config.runs, 3) + eval_batches + n * config.profile + n * config.memory
+    total = (
+        2 * n + config.warmup + max(config.runs, 3) + eval_batches + n * config.profile + n * config.memory
+    )
     bar = _Bar(total, config.progress)
     try:
         with contextlib.ExitStack() as stack:
@@ -231,15 +273,26 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
                 m.session = make_session(m.source, provider=config.provider, threads=config.threads,
                                          provider_options=config.provider_options)  # fmt: skip
                 m.create_ms = (time.perf_counter() - t0) * 1000.0
+                require_provider(m.session, provider_full)
                 bar.step()
-            feeds = [f for f, _ in _take_batches(dataset, group, config.latency_feeds, fixed_batch)]
+            feeds = [f for f, _ in take_batches(dataset, group, config.latency_feeds, fixed_batch)]
             bar.phase("latency")
             stats = measure_interleaved([m.session for m in models], feeds, warmup=config.warmup,
-                                        rounds=config.runs, progress=bar.step)  # fmt: skip
+                                        rounds=config.runs, min_seconds=config.min_time or None,
+                                        progress=bar.step)  # fmt: skip
             bar.phase("accuracy")
-            accuracy, meters, rows = _evaluate(models, dataset, group, fixed_batch, data_kind, bar)
+            accuracy, meters, rows = evaluate(
+                [m.session for m in models],
+                dataset,
+                group,
+                fixed_batch=fixed_batch,
+                data_kind=data_kind,
+                step=bar.step,
+            )
             if fixed_batch and len(dataset) % group:
-                notes.append(f"accuracy: the last {len(dataset) % group} samples were left out (fixed batch size)")
+                notes.append(
+                    f"accuracy: the last {len(dataset) % group} samples were left out (fixed batch size)"
+                )
             profiles: list[dict[str, Any] | None] = [None] * n
             if config.profile:
                 bar.phase("profile")
@@ -253,7 +306,7 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
                 bar.phase("memory")
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxshrink-bench-"))
                 feed_path = os.path.join(tmp, "feed.npz")
-                np.savez(feed_path, **feeds[0])
+                np.savez(feed_path, **cast(dict[str, Any], feeds[0]))
                 for i, m in enumerate(models):
                     memory[i] = measure_memory(m.path, feed_path, provider=config.provider, threads=config.threads,
                                                provider_options=config.provider_options, runs=config.memory_runs)  # fmt: skip
@@ -288,10 +341,13 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
         }
         entries.append(entry)
     gate_list = gates_mod.evaluate(config.gates, entries, data_kind=data_kind)
+    notes += _stability_notes(entries, load_before)
+    environment = _environment()
+    environment["load_average"] = load_before
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": _environment(),
+        "environment": environment,
         "settings": {
             "provider": provider_full,
             "provider_options": dict(config.provider_options),
@@ -299,7 +355,9 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
             "batch": batch_rows,
             "input_shapes": feed_shapes,
             "warmup": config.warmup,
-            "runs": max(config.runs, 3),
+            "runs": len(stats[0].samples_ms),
+            "min_runs": max(config.runs, 3),
+            "min_time_s": config.min_time,
             "seed": config.seed,
             "data": {"source": config.data or "random", "kind": data_kind, "samples": rows},
             "memory_runs": config.memory_runs if config.memory else None,
@@ -312,59 +370,13 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _take_batches(dataset: Dataset, group: int, count: int, fixed_batch: bool) -> list[tuple[dict[str, np.ndarray], Any]]:
-    out = []
-    for item in _batches(dataset, group, fixed_batch=fixed_batch):
-        out.append(item)
-        if len(out) >= count:
-            break
-    if not out:
-        raise DataError("no complete batch of samples to time", path=getattr(dataset, "source", None))
-    return out
-
-
-def _evaluate(
-    models: list[_Model], dataset: Dataset, group: int, fixed_batch: bool, data_kind: str, bar: _Bar
-) -> tuple[list[dict[str, Any] | None], list[FidelityMeter], int]:
-    """Top-1/top-5 per model (with labels) and a fidelity meter per candidate."""
-    meters = [FidelityMeter() for _ in models[1:]]
-    correct = np.zeros((len(models), 2), dtype=np.int64)  # top-1, top-5 hits
-    rows = labelled = classes = 0
-    classify: bool | None = None
-    for feed, labels in _batches(dataset, group, fixed_batch=fixed_batch):
-        outs = [run(m.session, feed) for m in models]
-        for meter, out in zip(meters, outs[1:]):
-            # FidelityMeter compares one label with each row's top-1; an array does the same per row.
-            meter.update(outs[0], out, label=None if labels is None else cast(int, labels if len(labels) > 1 else int(labels[0])))
-        if classify is None:
-            classify = looks_like_class_scores(np.asarray(outs[0][0]))
-        rows += int(np.asarray(outs[0][0]).shape[0]) if np.asarray(outs[0][0]).ndim else 1
-        if labels is not None and classify:
-            labelled += len(labels)
-            for k, out in enumerate(outs):
-                scores = np.asarray(out[0]).reshape(len(labels), -1)
-                classes = scores.shape[1]
-                top = min(5, scores.shape[1])
-                best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-                correct[k, 0] += int(np.sum(best[:, 0] == labels))
-                correct[k, 1] += int(np.sum(np.any(best == labels[:, None], axis=1)))
-        bar.step()
-    if data_kind != "labelled" or not classify or not labelled:
-        return [None] * len(models), meters, rows
-    accuracy: list[dict[str, Any] | None] = [
-        {"top1": float(correct[k, 0] / labelled), "top5": float(correct[k, 1] / labelled) if classes > 5 else None,
-         "samples": labelled}
-        for k in range(len(models))
-    ]
-    return accuracy, meters, rows
-
-
 def _versus(cand: LatencyStats, base: LatencyStats, meter: FidelityMeter, seed: int) -> dict[str, Any]:
     ratio = cand.p50 / base.p50
     low, high = ratio_interval(cand, base, seed=seed)
     return {
         "latency_ratio": ratio,
         "latency_ratio_ci95": [low, high],
+        "latency_ratio_blocks": block_ratios(cand, base),
         "paired_median_ratio": paired_ratio(cand, base),
         "speedup": 1.0 / ratio,
         "fidelity": meter.result().to_json(),
@@ -387,7 +399,9 @@ def _fusion_lint(
     failed = []
     for m in models:
         try:
-            macs = count_macs(m.proto, {k: v for k, v in shapes.items() if k in {i.name for i in graph_inputs(m.proto)}})
+            macs = count_macs(
+                m.proto, {k: v for k, v in shapes.items() if k in {i.name for i in graph_inputs(m.proto)}}
+            )
             report = fusion.analyze_fusion(m.proto, provider=provider, macs_by_node=macs.by_node)
         except ShrinkError as exc:
             failed.append(f"{m.name} ({exc.one_line()})")

@@ -52,6 +52,9 @@ class Gate:
         return asdict(self)
 
 
+_UNMEASURABLE = "not measurable: the first output is not class scores"
+
+
 def _fidelity(model: dict[str, Any]) -> dict[str, Any]:
     return (model.get("vs_baseline") or {}).get("fidelity") or {}
 
@@ -64,31 +67,31 @@ def evaluate(spec: GateSpec, models: list[dict[str, Any]], *, data_kind: str) ->
         name = cand["name"]
         if spec.min_speedup is not None:
             speedup = cand["vs_baseline"]["speedup"]
+            detail = f"p50 {baseline['name']} / p50 {name}"
             gates.append(
-                Gate("min_speedup", name, spec.min_speedup, speedup, speedup >= spec.min_speedup,
-                     f"p50 {baseline['name']} / p50 {name}")  # fmt: skip
+                Gate("min_speedup", name, spec.min_speedup, speedup, speedup >= spec.min_speedup, detail)
             )
         if spec.max_drop is not None:
             gates.append(_drop_gate(spec.max_drop, baseline, cand, data_kind))
         if spec.min_agreement is not None:
             agreement = _fidelity(cand).get("top1_agreement")
             if agreement is None:
-                gates.append(Gate("min_agreement", name, spec.min_agreement, None, False,
-                                  "not measurable: the first output is not class scores"))  # fmt: skip
+                gates.append(Gate("min_agreement", name, spec.min_agreement, None, False, _UNMEASURABLE))
             else:
-                gates.append(
-                    Gate("min_agreement", name, spec.min_agreement, agreement, agreement >= spec.min_agreement,
-                         f"top-1 agreement with {baseline['name']} on {_data_words(data_kind)}")  # fmt: skip
-                )
+                detail = f"top-1 agreement with {baseline['name']} on {_data_words(data_kind)}"
+                passed = agreement >= spec.min_agreement
+                gates.append(Gate("min_agreement", name, spec.min_agreement, agreement, passed, detail))
         if spec.max_size_mb is not None:
             mb = cand["size"]["total_bytes"] / 1e6
-            gates.append(Gate("max_size", name, spec.max_size_mb, mb, mb <= spec.max_size_mb,
-                              "model file + external data, MB (10^6 bytes)"))  # fmt: skip
+            detail = "model file + external data, MB (10^6 bytes)"
+            gates.append(Gate("max_size", name, spec.max_size_mb, mb, mb <= spec.max_size_mb, detail))
     return gates
 
 
 def _data_words(data_kind: str) -> str:
-    return {"labelled": "labelled data", "unlabelled": "unlabelled data", "random": "RANDOM inputs"}.get(data_kind, data_kind)
+    return {"labelled": "labelled data", "unlabelled": "unlabelled data", "random": "RANDOM inputs"}.get(
+        data_kind, data_kind
+    )
 
 
 def _drop_gate(threshold: float, baseline: dict[str, Any], cand: dict[str, Any], data_kind: str) -> Gate:
@@ -97,10 +100,17 @@ def _drop_gate(threshold: float, baseline: dict[str, Any], cand: dict[str, Any],
     cand_acc = (cand.get("accuracy") or {}).get("top1")
     if base_acc is not None and cand_acc is not None:
         drop = 100.0 * (base_acc - cand_acc)
-        return Gate("max_drop", name, threshold, drop, drop <= threshold, "top-1 accuracy drop, points (labelled data)")
+        return Gate(
+            "max_drop",
+            name,
+            threshold,
+            drop,
+            drop <= threshold,
+            "top-1 accuracy drop, points (labelled data)",
+        )
     agreement = _fidelity(cand).get("top1_agreement")
     if agreement is None:
-        return Gate("max_drop", name, threshold, None, False, "not measurable: the first output is not class scores")
+        return Gate("max_drop", name, threshold, None, False, _UNMEASURABLE)
     drop = 100.0 * (1.0 - agreement)
-    return Gate("max_drop", name, threshold, drop, drop <= threshold,
-                f"100 x (1 - top-1 agreement), points, on {_data_words(data_kind)}")  # fmt: skip
+    detail = f"100 x (1 - top-1 agreement), points, on {_data_words(data_kind)}"
+    return Gate("max_drop", name, threshold, drop, drop <= threshold, detail)

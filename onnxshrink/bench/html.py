@@ -92,8 +92,19 @@ def _gates(payload: dict[str, Any]) -> str:
     for g in gates:
         value, threshold = gate_value(g)
         verdict = '<span class="pass">PASS</span>' if g["passed"] else '<span class="fail">FAIL</span>'
-        rows.append([escape(g["name"]), escape(g["model"]), escape(value), escape(threshold), verdict, escape(g["detail"])])
-    return banner + _table(["gate", "model", "measured", "threshold", "result", "what is measured"], rows, numeric={2, 3})
+        rows.append(
+            [
+                escape(g["name"]),
+                escape(g["model"]),
+                escape(value),
+                escape(threshold),
+                verdict,
+                escape(g["detail"]),
+            ]
+        )
+    return banner + _table(
+        ["gate", "model", "measured", "threshold", "result", "what is measured"], rows, numeric={2, 3}
+    )
 
 
 def _scatter(payload: dict[str, Any]) -> str:
@@ -102,18 +113,25 @@ def _scatter(payload: dict[str, Any]) -> str:
         points = [(m["name"], m["latency_ms"]["p50"], 100 * m["accuracy"]["top1"]) for m in models]
         y_label, what = "top-1 accuracy (%)", "top-1 accuracy on the labelled data"
     else:
-        agreements = [((m["vs_baseline"] or {}).get("fidelity") or {}).get("top1_agreement") for m in models[1:]]
+        agreements = [
+            ((m["vs_baseline"] or {}).get("fidelity") or {}).get("top1_agreement") for m in models[1:]
+        ]
         if not models[1:] or any(a is None for a in agreements):
             return '<p class="caption">No accuracy or top-1 agreement to plot (no candidates, or outputs are not class scores).</p>'
         points = [(models[0]["name"], models[0]["latency_ms"]["p50"], 100.0)]
-        points += [(m["name"], m["latency_ms"]["p50"], 100 * a) for m, a in zip(models[1:], agreements)]
+        points += [
+            (m["name"], m["latency_ms"]["p50"], 100.0 * float(a or 0)) for m, a in zip(models[1:], agreements)
+        ]
         kind = payload["settings"]["data"]["kind"]
         y_label = "top-1 agreement with baseline (%)"
         what = "top-1 agreement with the baseline (the baseline is 100% by definition) on " + (
             "RANDOM inputs: it says little about real data" if kind == "random" else "unlabelled data"
         )
     chart = svg.scatter(points, x_label="p50 latency (ms)", y_label=y_label, y_cap=100.0)
-    return chart + f'<p class="caption">Up and to the left is better. y: {escape(what)}; x: median latency per run.</p>'
+    return (
+        chart
+        + f'<p class="caption">Up and to the left is better. y: {escape(what)}; x: median latency per run.</p>'
+    )
 
 
 def _ops(payload: dict[str, Any]) -> str:
@@ -138,14 +156,26 @@ def _ops(payload: dict[str, Any]) -> str:
     table_rows = []
     for m in models:
         for o in m["profile"]["by_op_type"]:
-            table_rows.append([escape(m["name"]), escape(o["op_type"]), str(o["nodes"]), f"{o['us_per_run']:.1f}", f"{100 * o['share']:.1f}%"])
+            table_rows.append(
+                [
+                    escape(m["name"]),
+                    escape(o["op_type"]),
+                    str(o["nodes"]),
+                    f"{o['us_per_run']:.1f}",
+                    f"{100 * o['share']:.1f}%",
+                ]
+            )
     caption = (
         f'<p class="caption">From onnxruntime\'s profiler in a separate pass ({runs} runs after a discarded first run, '
         "fresh sessions, so the latency figures above are not affected). Op types are those of the optimised graph "
         "(fused kernels appear under their own names). Kernel time excludes the per-run overhead of "
         "onnxruntime itself, so totals are below the measured latency.</p>"
     )
-    details = "<details><summary>Table</summary>" + _table(["model", "op type", "nodes", "us per run", "share"], table_rows, {2, 3, 4}) + "</details>"
+    details = (
+        "<details><summary>Table</summary>"
+        + _table(["model", "op type", "nodes", "us per run", "share"], table_rows, {2, 3, 4})
+        + "</details>"
+    )
     return chart + caption + details + _providers(payload)
 
 
@@ -162,7 +192,9 @@ def _providers(payload: dict[str, Any]) -> str:
         parts.append(f"<p><b>{escape(m['name'])}</b>: {where}; {len(fallback)} on CPU</p>")
         if fallback:
             rows = [[escape(f["name"]), escape(f["op_type"])] for f in fallback]
-            parts.append("<details><summary>Nodes on CPU</summary>" + _table(["node", "op type"], rows) + "</details>")
+            parts.append(
+                "<details><summary>Nodes on CPU</summary>" + _table(["node", "op type"], rows) + "</details>"
+            )
     return "".join(parts)
 
 
@@ -179,8 +211,15 @@ def _fusion(payload: dict[str, Any]) -> str:
             unfused, str(f.get("remaining_quantize_linear", "-")), str(f.get("remaining_dequantize_linear", "-")),
             escape(str(f.get("summary", ""))),
         ])  # fmt: skip
-    table = _table(["model", "int8 kernels", "MACs in int8", "left in float", "Q left", "DQ left", "summary"], rows, {1, 2, 4, 5})
-    raw = "".join(f"<p><b>{escape(m['name'])}</b></p><pre>{escape(json.dumps(m['fusion'], indent=1)[:20000])}</pre>" for m in models)
+    table = _table(
+        ["model", "int8 kernels", "MACs in int8", "left in float", "Q left", "DQ left", "summary"],
+        rows,
+        {1, 2, 4, 5},
+    )
+    raw = "".join(
+        f"<p><b>{escape(m['name'])}</b></p><pre>{escape(json.dumps(m['fusion'], indent=1)[:20000])}</pre>"
+        for m in models
+    )
     caption = (
         '<p class="caption">From onnxruntime\'s optimised graph for this provider: which quantized units became '
         "int8 kernels and which compute ops stayed in float between Q/DQ nodes (onnxshrink.fusion).</p>"
@@ -202,20 +241,20 @@ def render(payload: dict[str, Any]) -> str:
     sections = [
         f"<h1>onnxshrink bench: {names}</h1>",
         *(f'<p class="meta">{escape(line)}</p>' for line in describe_settings(payload)),
-        f'<p class="meta">onnxruntime {escape(env["onnxruntime"])}, {escape(env["cpu"] or "unknown CPU")} '
-        f'({env["cpu_count"]} logical CPUs), {escape(payload["created"])}</p>',
+        (f'<p class="meta">onnxruntime {escape(env["onnxruntime"])}, {escape(env["cpu"] or "unknown CPU")} '
+         f'({env["cpu_count"]} logical CPUs), {escape(payload["created"])}</p>'),
         warn,
         "<h2>Gates</h2>", _gates(payload),
         "<h2>Summary</h2>", _summary(models),
-        '<p class="caption">Latencies are per run in milliseconds, measured with the models interleaved in one '
-        "process. ratio = p50 candidate / p50 baseline with a 95% paired-bootstrap interval; speed-up = its inverse. "
-        "create = session creation time; peak mem = peak RSS growth while creating and running the session, each "
-        "model in a process of its own; size = model file plus external data.</p>",
+        ('<p class="caption">Latencies are per run in milliseconds, measured with the models interleaved in one '
+         "process. ratio = p50 candidate / p50 baseline with a 95% paired-bootstrap interval; speed-up = its "
+         "inverse. create = session creation time; peak mem = peak RSS growth while creating and running the "
+         "session, each model in a process of its own; size = model file plus external data.</p>"),
         "<h2>Latency distribution</h2>",
         svg.box_plot([(m["name"], m["latency_ms"]["samples_ms"]) for m in models]),
-        '<p class="caption">Each dot is one timed run. Box: 25th to 75th percentile; thick line: median; '
-        "whiskers: 1st and 99th percentiles. The axis is logarithmic when the slowest run is over 4&times; the "
-        "fastest.</p>",
+        ('<p class="caption">Each dot is one timed run. Box: 25th to 75th percentile; thick line: median; '
+         "whiskers: 1st and 99th percentiles. The axis is logarithmic when the slowest run is over 4&times; the "
+         "fastest.</p>"),
         "<h2>Accuracy vs latency</h2>", _scatter(payload),
         "<h2>Time by op type</h2>", _ops(payload),
         "<h2>Fusion lint</h2>", _fusion(payload),

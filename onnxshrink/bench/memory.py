@@ -65,7 +65,7 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from onnxshrink.modelio import load_model, ort_model_source
-    from onnxshrink.runtime import make_session
+    from onnxshrink.runtime import make_session, resolve_provider
 
     model, _ = load_model(request["model"])
     with np.load(request["feeds"], allow_pickle=False) as npz:
@@ -85,10 +85,16 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
             threads=request["threads"],
             provider_options=request["provider_options"],
         )
+        if resolve_provider(request["provider"]) not in session.get_providers():
+            raise SystemExit(f"execution provider {request['provider']} failed to start")
         for _ in range(max(1, request["runs"])):
             session.run(None, feed)
         after = (_status_kib("VmHWM") or 0) * 1024 if method != "rusage-delta" else _rusage_peak_bytes()
-    return {"method": method, "peak_rss_growth_bytes": max(0, after - before), "runs": max(1, request["runs"])}
+    return {
+        "method": method,
+        "peak_rss_growth_bytes": max(0, after - before),
+        "runs": max(1, request["runs"]),
+    }
 
 
 def measure_memory(

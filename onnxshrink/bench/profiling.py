@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxshrink.errors import ConfigError
 from onnxshrink.runtime import resolve_provider
 
 CPU = "CPUExecutionProvider"
@@ -75,14 +76,34 @@ class Profile:
         }
 
 
-def parse_trace(events: list[dict[str, Any]], *, requested_provider: str, skip_first_run: bool = True) -> Profile:
+def require_provider(session: Any, provider: str) -> None:
+    """Fail when onnxruntime dropped ``provider`` while creating ``session``.
+
+    onnxruntime logs and carries on with the CPU provider when a GPU provider's libraries
+    (CUDA, cuDNN, TensorRT) cannot be loaded; a benchmark must not report CPU figures as GPU
+    ones.
+    """
+    active = list(session.get_providers())
+    if provider not in active:
+        raise ConfigError(
+            f"execution provider '{provider}' is installed but failed to start (onnxruntime fell back to "
+            f"{', '.join(active)}); check that its libraries (CUDA, cuDNN, TensorRT) are installed and on "
+            "the library path"
+        )
+
+
+def parse_trace(
+    events: list[dict[str, Any]], *, requested_provider: str, skip_first_run: bool = True
+) -> Profile:
     """Aggregate an onnxruntime profiling trace (the list of Chrome-trace events).
 
     Node events are assigned to runs by the ``model_run`` windows they start in; each op
     type's time is summed per run and the median over the counted runs is reported, so one
     run disturbed by another process does not skew the breakdown.
     """
-    runs = sorted((int(e["ts"]), int(e["ts"]) + int(e.get("dur", 0))) for e in events if e.get("name") == "model_run")
+    runs = sorted(
+        (int(e["ts"]), int(e["ts"]) + int(e.get("dur", 0))) for e in events if e.get("name") == "model_run"
+    )
     first = 1 if skip_first_run and len(runs) > 1 else 0
     counted = runs[first:]
     starts = [lo for lo, _ in counted]
@@ -107,7 +128,10 @@ def parse_trace(events: list[dict[str, Any]], *, requested_provider: str, skip_f
         if k < 0 or ts > counted[k][1]:
             continue  # the discarded first run, or outside any run
         per_run.setdefault(op, np.zeros(len(counted)))[k] += float(e.get("dur", 0))
-    ops = [OpTime(op, float(np.median(per_run[op])) if op in per_run else 0.0, len(node_sets[op])) for op in node_sets]
+    ops = [
+        OpTime(op, float(np.median(per_run[op])) if op in per_run else 0.0, len(node_sets[op]))
+        for op in node_sets
+    ]
     ops.sort(key=lambda t: (-t.us_per_run, t.op_type))
     return Profile(
         runs=len(counted),
@@ -146,6 +170,7 @@ def profile_model(
         if full != CPU:
             providers.append(CPU)
         session = ort.InferenceSession(source, options, providers=providers)
+        require_provider(session, full)
         for _ in range(runs + 1):
             session.run(None, feed)
         trace = Path(session.end_profiling())

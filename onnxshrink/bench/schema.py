@@ -10,14 +10,17 @@ Non-finite floats (an SQNR of identical outputs) are written as the strings ``"i
     schema            "onnxshrink.bench/1"
     created           ISO-8601 UTC time of the run
     environment       {onnxshrink, onnxruntime, onnx, numpy, python, platform: str,
-                       cpu: str (model name), cpu_count: int, available_providers: [str]}
+                       cpu: str (model name), cpu_count: int, available_providers: [str],
+                       load_average: [1, 5, 15-minute] before the run, or null}
     settings
       provider        full onnxruntime provider name that ran the models
       provider_options {key: value} passed to the provider
       threads         intra-op threads, or null (onnxruntime's default)
       batch           rows per run (the leading dimension of the inputs)
       input_shapes    {input name: [int]} of the timed feeds
-      warmup, runs    untimed and timed rounds (one run of every model per round)
+      warmup          untimed rounds first
+      runs            timed rounds done (one run of every model per round)
+      min_runs, min_time_s  what was asked: at least min_runs rounds and min_time_s seconds
       seed            seed of random inputs and of the bootstrap
       data            {source: path or "random", kind: "labelled"|"unlabelled"|"random",
                        samples: int (rows evaluated for accuracy/fidelity)}
@@ -39,6 +42,7 @@ Non-finite floats (an SQNR of identical outputs) are written as the strings ``"i
       vs_baseline     null for the baseline; for a candidate:
         latency_ratio       p50(candidate) / p50(baseline) (< 1: candidate faster)
         latency_ratio_ci95  [low, high]: seeded paired bootstrap over rounds, 2000 resamples
+        latency_ratio_blocks  [float]: the ratio within each quarter of the rounds (drift check)
         paired_median_ratio median over rounds of candidate/baseline (a second estimate)
         speedup             1 / latency_ratio = p50(baseline) / p50(candidate)
         fidelity            {samples: int, sqnr_db, cosine, max_abs_error: float|str,

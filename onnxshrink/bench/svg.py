@@ -8,7 +8,18 @@ from html import escape
 
 import numpy as np
 
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 _FONT = 'font-family="system-ui, sans-serif" font-size="12"'
 
 
@@ -33,7 +44,11 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def log_ticks(lo: float, hi: float) -> list[float]:
     """1-2-5 ticks for a log axis, the first <= ``lo`` and the last >= ``hi`` (both > 0)."""
     lo, hi = max(lo, 1e-12), max(hi, lo * 1.0001)
-    series = [m * 10.0**d for d in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    series = [
+        m * 10.0**d
+        for d in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+        for m in (1, 2, 5)
+    ]
     first = max(t for t in series if t <= lo * (1 + 1e-9))
     last = min(t for t in series if t >= hi * (1 - 1e-9))
     return [float(f"{t:.6g}") for t in series if first <= t <= last]
@@ -57,7 +72,9 @@ def _x_axis(ticks: Sequence[float], sx: object, y0: float, y1: float, label: str
         x = sx(t)  # type: ignore[operator]
         out.append(f'<line x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{x:.1f}" y="{y1 + 15:.1f}" text-anchor="middle" fill="#555">{_fmt(t)}</text>')
-    out.append(f'<text x="{x_mid:.1f}" y="{y1 + 33:.1f}" text-anchor="middle" fill="#333">{escape(label)}</text>')
+    out.append(
+        f'<text x="{x_mid:.1f}" y="{y1 + 33:.1f}" text-anchor="middle" fill="#333">{escape(label)}</text>'
+    )
     return out
 
 
@@ -88,20 +105,30 @@ def box_plot(series: Sequence[tuple[str, Sequence[float]]], *, unit: str = "ms",
         v = np.asarray(values, dtype=float)
         cy = top + row_h * i + row_h / 2
         c = color(i)
-        body.append(f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>')
+        body.append(
+            f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>'
+        )
         for value, dy in zip(v, rng.uniform(-row_h * 0.32, row_h * 0.32, v.size)):
-            body.append(f'<circle cx="{sx(value):.1f}" cy="{cy + dy:.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>')
+            body.append(
+                f'<circle cx="{sx(value):.1f}" cy="{cy + dy:.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>'
+            )
         p1, p25, p50, p75, p99 = np.percentile(v, [1, 25, 50, 75, 99])
         h = row_h * 0.5
         body.append(f'<line x1="{sx(p1):.1f}" y1="{cy:.1f}" x2="{sx(p99):.1f}" y2="{cy:.1f}" stroke="#333"/>')
         for w in (p1, p99):
-            body.append(f'<line x1="{sx(w):.1f}" y1="{cy - h / 3:.1f}" x2="{sx(w):.1f}" y2="{cy + h / 3:.1f}" stroke="#333"/>')
+            body.append(
+                f'<line x1="{sx(w):.1f}" y1="{cy - h / 3:.1f}" x2="{sx(w):.1f}" y2="{cy + h / 3:.1f}" stroke="#333"/>'
+            )
         body.append(
             f'<rect x="{sx(p25):.1f}" y="{cy - h / 2:.1f}" width="{max(sx(p75) - sx(p25), 1):.1f}" height="{h:.1f}" '
             f'fill="{c}" fill-opacity="0.45" stroke="{c}"/>'
         )
-        body.append(f'<line x1="{sx(p50):.1f}" y1="{cy - h / 2:.1f}" x2="{sx(p50):.1f}" y2="{cy + h / 2:.1f}" stroke="#111" stroke-width="2.5"/>')
-        body.append(f'<text x="{width - right + 14}" y="{cy + 4:.1f}" fill="#222">p50 {_fmt(round(float(p50), 4))}</text>')
+        body.append(
+            f'<line x1="{sx(p50):.1f}" y1="{cy - h / 2:.1f}" x2="{sx(p50):.1f}" y2="{cy + h / 2:.1f}" stroke="#111" stroke-width="2.5"/>'
+        )
+        body.append(
+            f'<text x="{width - right + 14}" y="{cy + 4:.1f}" fill="#222">p50 {_fmt(round(float(p50), 4))}</text>'
+        )
     return _svg(width, height, body, "latency distribution per model")
 
 
@@ -137,8 +164,12 @@ def scatter(
 
     body = _x_axis(xt, sx, top, height - bottom, x_label, (left + width - right) / 2)
     for t in yt:
-        body.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#e3e3e3"/>')
-        body.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#555">{_fmt(t)}</text>')
+        body.append(
+            f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#e3e3e3"/>'
+        )
+        body.append(
+            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#555">{_fmt(t)}</text>'
+        )
     body.append(
         f'<text transform="translate(16 {(top + height - bottom) / 2:.1f}) rotate(-90)" text-anchor="middle" fill="#333">'
         f"{escape(y_label)}</text>"
@@ -149,7 +180,9 @@ def scatter(
     return _svg(width, height, body, f"{y_label} vs {x_label}")
 
 
-def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, unit: str, width: int = 920) -> str:
+def stacked_bars(
+    rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, unit: str, width: int = 920
+) -> str:
     """One horizontal bar per row, split into named segments; a legend below."""
     left, right, top, bar_h, gap = 170, 90, 10, 24, 12
     keys: list[str] = []
@@ -167,7 +200,9 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, uni
     body = _x_axis(ticks, sx, top, top + plot_h, unit, (left + width - right) / 2)
     for i, (name, segments) in enumerate(rows):
         y = top + i * (bar_h + gap) + gap / 2
-        body.append(f'<text x="{left - 10}" y="{y + bar_h / 2 + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>')
+        body.append(
+            f'<text x="{left - 10}" y="{y + bar_h / 2 + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>'
+        )
         acc = 0.0
         for key, value in segments:
             w = sx(acc + value) - sx(acc)

@@ -6,7 +6,11 @@ from typing import Any
 
 from onnxshrink.report import format_table, human_bytes, section
 
-_DATA_WORDS = {"labelled": "labelled samples", "unlabelled": "unlabelled samples", "random": "RANDOM input batches"}
+_DATA_WORDS = {
+    "labelled": "labelled samples",
+    "unlabelled": "unlabelled samples",
+    "random": "RANDOM input batches",
+}
 
 
 def ms(x: float | None) -> str:
@@ -50,13 +54,20 @@ def memory_text(memory: dict[str, Any] | None) -> str:
 
 def describe_settings(payload: dict[str, Any]) -> list[str]:
     s = payload["settings"]
-    threads = f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}" if s["threads"] else "default threads"
+    threads = (
+        f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}" if s["threads"] else "default threads"
+    )
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in s["input_shapes"].items())
     options = ", ".join(f"{k}={v}" for k, v in s["provider_options"].items())
     data = s["data"]
     return [
-        f"Provider  {s['provider']}" + (f" ({options})" if options else "") + f", {threads}, batch {s['batch']} ({shapes})",
-        f"Latency   {s['runs']} interleaved rounds after {s['warmup']} warm-up rounds",
+        f"Provider  {s['provider']}"
+        + (f" ({options})" if options else "")
+        + f", {threads}, batch {s['batch']} ({shapes})",
+        (
+            f"Latency   {s['runs']} interleaved rounds (at least {s['min_runs']} and {s['min_time_s']:g} s) "
+            f"after {s['warmup']} warm-up rounds"
+        ),
         f"Data      {data['source']}: {data['samples']} {_DATA_WORDS.get(data['kind'], data['kind'])}",
     ]
 
@@ -64,7 +75,7 @@ def describe_settings(payload: dict[str, Any]) -> list[str]:
 def render(payload: dict[str, Any], *, top_ops: int = 5) -> str:
     models = payload["models"]
     lines = ["onnxshrink bench", *describe_settings(payload)]
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for m in models:
         lat, vs = m["latency_ms"], m["vs_baseline"]
         if vs is None:
@@ -74,7 +85,19 @@ def render(payload: dict[str, Any], *, top_ops: int = 5) -> str:
             ratio, speed = f"{vs['latency_ratio']:.3f} [{low:.3f}, {high:.3f}]", f"{vs['speedup']:.2f}x"
         rows.append((m["name"], ms(lat["p50"]), ms(lat["p90"]), ms(lat["p99"]), ms(lat["mean"]), ms(lat["min"]),
                      f"{m['throughput_per_s']:.0f}", ratio, speed, f"{m['session_create_ms']:.1f}", memory_text(m["memory"])))  # fmt: skip
-    headers = ["model", "p50", "p90", "p99", "mean", "min", "rows/s", "ratio [95% CI]", "speed-up", "create", "peak mem"]
+    headers = [
+        "model",
+        "p50",
+        "p90",
+        "p99",
+        "mean",
+        "min",
+        "rows/s",
+        "ratio [95% CI]",
+        "speed-up",
+        "create",
+        "peak mem",
+    ]
     lines += [section("Latency (ms)"), format_table(rows, headers, align="lrrrrrrlrrr")]
     lines.append("ratio = p50 candidate / p50 baseline (paired bootstrap CI); create = session creation, ms")
     lines.append("peak mem = peak RSS growth while creating and running the session (own process per model)")
@@ -85,18 +108,30 @@ def render(payload: dict[str, Any], *, top_ops: int = 5) -> str:
         rows.append((m["name"], human_bytes(m["size"]["total_bytes"]), pct(acc.get("top1"), 2), pct(acc.get("top5"), 2),
                      pct(fid.get("top1_agreement"), 2), num(fid.get("sqnr_db"), ".1f"), num(fid.get("cosine"), ".5f")))  # fmt: skip
     title = "Size and accuracy" + (" (fidelity on RANDOM inputs)" if kind == "random" else "")
-    lines += [section(title), format_table(rows, ["model", "size", "top-1", "top-5", "agreement", "SQNR dB", "cosine"], align="lrrrrrr")]
+    lines += [
+        section(title),
+        format_table(
+            rows, ["model", "size", "top-1", "top-5", "agreement", "SQNR dB", "cosine"], align="lrrrrrr"
+        ),
+    ]
     lines += _profile_lines(models, payload["settings"]["provider"], top_ops)
     lines += _fusion_lines(models)
     if payload["gates"]:
         rows = []
         for g in payload["gates"]:
             value, threshold = gate_value(g)
-            rows.append((g["name"], g["model"], value, threshold, "PASS" if g["passed"] else "FAIL", g["detail"]))
-        lines += [section("Gates"), format_table(rows, ["gate", "model", "measured", "threshold", "result", "what"], align="llrrll")]
+            rows.append(
+                (g["name"], g["model"], value, threshold, "PASS" if g["passed"] else "FAIL", g["detail"])
+            )
+        lines += [
+            section("Gates"),
+            format_table(rows, ["gate", "model", "measured", "threshold", "result", "what"], align="llrrll"),
+        ]
         failed = sum(not g["passed"] for g in payload["gates"])
         total = len(payload["gates"])
-        lines.append(f"\nResult: {'PASS' if not failed else 'FAIL'} ({total - failed} of {total} gates passed)")
+        lines.append(
+            f"\nResult: {'PASS' if not failed else 'FAIL'} ({total - failed} of {total} gates passed)"
+        )
     if payload["notes"]:
         lines += [section("Notes"), *(f"- {n}" for n in payload["notes"])]
     return "\n".join(lines)
@@ -111,11 +146,16 @@ def _profile_lines(models: list[dict[str, Any]], provider: str, top_ops: int) ->
         if not prof:
             continue
         ops = prof["by_op_type"]
-        top = ", ".join(f"{o['op_type']} {o['us_per_run']:.0f} ({100 * o['share']:.0f}%)" for o in ops[:top_ops])
+        top = ", ".join(
+            f"{o['op_type']} {o['us_per_run']:.0f} ({100 * o['share']:.0f}%)" for o in ops[:top_ops]
+        )
         if len(ops) > top_ops:
             top += f", +{len(ops) - top_ops} more"
         rows.append((m["name"], f"{prof['total_us_per_run']:.0f}", top))
-    out = [section("Kernel time by op type (profiler, us per run)"), format_table(rows, ["model", "total", "op types"], align="lrl")]
+    out = [
+        section("Kernel time by op type (profiler, us per run)"),
+        format_table(rows, ["model", "total", "op types"], align="lrl"),
+    ]
     if provider != "CPUExecutionProvider":
         out.append("")
         for m in models:
@@ -125,7 +165,10 @@ def _profile_lines(models: list[dict[str, Any]], provider: str, top_ops: int) ->
             where = ", ".join(f"{p}: {k}" for p, k in prof["providers"].items())
             fallback = prof["cpu_fallback_nodes"]
             ops = sorted({f["op_type"] for f in fallback})
-            out.append(f"{m['name']}: nodes per provider: {where}; on CPU: {len(fallback)}" + (f" ({', '.join(ops)})" if ops else ""))
+            out.append(
+                f"{m['name']}: nodes per provider: {where}; on CPU: {len(fallback)}"
+                + (f" ({', '.join(ops)})" if ops else "")
+            )
     return out
 
 

@@ -16,6 +16,12 @@ Statistics (all in milliseconds, one sample per timed run):
   and the interval is the central ``confidence`` share of those ratios (percentile method).
 * :func:`paired_ratio`: the median of per-round ratios, a second robust estimate that
   ``shrink`` uses; it is reported beside the ratio of medians, not instead of it.
+* :func:`block_ratios`: the ratio of medians within consecutive quarters of the run. The
+  bootstrap interval only covers round-to-round noise; if other work on the machine starts or
+  stops mid-run (or differs between two runs), models can be slowed by different factors —
+  measured here: an int8 and an fp32 model on a busy 2-CPU machine moved their ratio by up to
+  a third between back-to-back runs while two copies of one model stayed within 3%. A spread
+  of block ratios flags the within-run part of that.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+#: The most rounds ``min_seconds`` may add (bounds memory and time for microsecond models).
+MAX_ROUNDS = 100_000
 #: Bootstrap resamples used by :func:`ratio_interval` unless told otherwise.
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -93,6 +101,7 @@ def measure_interleaved(
     warmup: int = 5,
     rounds: int = 30,
     max_seconds: float | None = None,
+    min_seconds: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[LatencyStats]:
     """Run each session once per round, in turn, cycling through ``feeds``.
@@ -103,6 +112,9 @@ def measure_interleaved(
         warmup: untimed rounds first.
         rounds: timed rounds (at least 3 are always run).
         max_seconds: stop early (after 3 rounds at least) once this much time has passed.
+        min_seconds: go on past ``rounds`` until this much time has passed (at most
+            :data:`MAX_ROUNDS` rounds): a fast model's 100 runs last a few milliseconds, too
+            short a window to average out the machine's other work.
         progress: called with 1 after every round, warm-up rounds included (a progress bar).
     """
     for i in range(warmup):
@@ -112,7 +124,8 @@ def measure_interleaved(
             progress(1)
     samples: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    for i in range(max(rounds, 3)):
+    i = 0
+    while True:
         feed = feeds[i % len(feeds)]
         # Alternate the order every round so neither model always runs right after the other.
         order = range(len(sessions)) if i % 2 == 0 else reversed(range(len(sessions)))
@@ -122,7 +135,13 @@ def measure_interleaved(
             samples[k].append((time.perf_counter() - t0) * 1000.0)
         if progress is not None:
             progress(1)
-        if max_seconds is not None and i >= 2 and time.perf_counter() - start > max_seconds:
+        i += 1
+        elapsed = time.perf_counter() - start
+        if i < 3:
+            continue
+        if max_seconds is not None and elapsed > max_seconds:
+            break
+        if i >= rounds and (min_seconds is None or elapsed >= min_seconds or i >= MAX_ROUNDS):
             break
     return [LatencyStats(s) for s in samples]
 
@@ -136,6 +155,21 @@ def paired_ratio(candidate: LatencyStats, baseline: LatencyStats) -> float:
 def median_ratio(candidate: LatencyStats, baseline: LatencyStats) -> float:
     """``p50(candidate) / p50(baseline)``: the ratio the report and the speed-up gate use."""
     return candidate.p50 / baseline.p50
+
+
+def block_ratios(candidate: LatencyStats, baseline: LatencyStats, *, blocks: int = 4) -> list[float]:
+    """``p50(candidate) / p50(baseline)`` within each of ``blocks`` consecutive stretches of rounds.
+
+    The bootstrap interval assumes the machine behaved the same throughout; when these differ
+    a lot, it did not (other work started or stopped), and the interval is too optimistic.
+    """
+    cand = np.asarray(candidate.samples_ms, dtype=np.float64)
+    base = np.asarray(baseline.samples_ms, dtype=np.float64)
+    parts = max(1, min(blocks, cand.size // 3))
+    return [
+        float(np.median(c) / np.median(b))
+        for c, b in zip(np.array_split(cand, parts), np.array_split(base, parts))
+    ]
 
 
 def ratio_interval(

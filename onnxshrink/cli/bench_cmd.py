@@ -49,23 +49,59 @@ def _list_providers(as_json: bool) -> None:
               help="Intra-op threads per session; 0 lets onnxruntime choose.")  # fmt: skip
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per run.")
 @shape_option
-@click.option("--runs", type=click.IntRange(min=3), default=100, show_default=True, help="Timed rounds (each runs every model once).")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed rounds first.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=3),
+    default=100,
+    show_default=True,
+    help="Timed rounds, at least (each runs every model once).",
+)
+@click.option(
+    "--min-time",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep timing past --runs until this much time has passed (fast models need it; 0: exactly --runs).",
+)
+@click.option(
+    "--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed rounds first."
+)
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Samples: .npz (model input names as keys, optional 'labels'), a folder of .npz, or an image folder "
               "with one sub-folder per class. Without it, seeded random inputs (fidelity on noise, no accuracy).")  # fmt: skip
 @json_option
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Also write DIR/report.html (self-contained, with charts) and DIR/bench.json.")  # fmt: skip
-@click.option("--min-speedup", type=_POSITIVE, default=None, metavar="X", help="Gate: p50 baseline / p50 candidate >= X.")
+@click.option(
+    "--min-speedup",
+    type=_POSITIVE,
+    default=None,
+    metavar="X",
+    help="Gate: p50 baseline / p50 candidate >= X.",
+)
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
               help="Gate: top-1 accuracy drop in points (with labels), else 100 x (1 - agreement) <= POINTS.")  # fmt: skip
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, metavar="F",
               help="Gate: top-1 agreement with the baseline >= F (0..1).")  # fmt: skip
-@click.option("--max-size", type=_POSITIVE, default=None, metavar="MB", help="Gate: candidate file size (+ external data) <= MB (10^6 bytes).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs and of the bootstrap interval.")
+@click.option(
+    "--max-size",
+    type=_POSITIVE,
+    default=None,
+    metavar="MB",
+    help="Gate: candidate file size (+ external data) <= MB (10^6 bytes).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of random inputs and of the bootstrap interval.",
+)
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probe (one child process per model).")
-@click.option("--no-profile", is_flag=True, help="Skip the profiler pass (time by op type, provider placement).")
+@click.option(
+    "--no-profile", is_flag=True, help="Skip the profiler pass (time by op type, provider placement)."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def bench(
@@ -78,6 +114,7 @@ def bench(
     batch: int,
     shapes: tuple[str, ...],
     runs: int,
+    min_time: float,
     warmup: int,
     data: str | None,
     as_json: bool,
@@ -131,10 +168,13 @@ def bench(
         batch=batch,
         shapes=parse_shape_overrides(shapes),
         runs=runs,
+        min_time=min_time,
         warmup=warmup,
         data=data,
         seed=seed,
-        gates=GateSpec(min_speedup=min_speedup, max_drop=max_drop, min_agreement=min_agreement, max_size_mb=max_size),
+        gates=GateSpec(
+            min_speedup=min_speedup, max_drop=max_drop, min_agreement=min_agreement, max_size_mb=max_size
+        ),
         memory=not no_memory,
         profile=not no_profile,
         progress=not (quiet or root_quiet),

@@ -63,13 +63,14 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
 
 def is_quantized_weight(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, node: NodeInfo) -> bool:
     """Whether a ``DequantizeLinear`` of this constant can be trained as a float parameter."""
-    return (
-        q.dtype in _QRANGE
-        and np.issubdtype(scale.dtype, np.floating)
-        and (zero_point is None or zero_point.dtype == q.dtype)
-        and not node.get("block_size", 0)
-        and scale.size in (1, q.shape[norm_axis(int(node.get("axis", 1)), q.ndim)] if q.ndim else 1)
-    )
+    if q.dtype not in _QRANGE or not np.issubdtype(scale.dtype, np.floating) or node.get("block_size", 0):
+        return False
+    if zero_point is not None and (zero_point.dtype != q.dtype or zero_point.size != scale.size):
+        return False
+    if scale.size == 1:
+        return True
+    axis = norm_axis(int(node.get("axis", 1)), q.ndim)
+    return 0 <= axis < q.ndim and q.shape[axis] == scale.size
 
 
 @dataclass
@@ -95,6 +96,11 @@ class QuantizedWeight:
     policy: Policy = "fixed"
     input_scale: str | None = None
     partner: QuantizedWeight | None = None
+
+    def __post_init__(self) -> None:
+        # Own, writable copies: torch shares memory with them when building scale tensors.
+        self.scale = np.array(self.scale, copy=True)
+        self.zero_point = None if self.zero_point is None else np.array(self.zero_point, copy=True)
 
     @property
     def axis(self) -> int:

@@ -48,20 +48,24 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
-def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, samples: list[Sample]) -> float:
-    """Largest |a - b| over outputs and samples, relative to the largest |a|."""
-    sa, sb = make_session(a, threads=None), make_session(b, threads=None)
+def max_relative_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    """Largest |reference - candidate| over outputs and samples, relative to the largest |reference|."""
     worst = 0.0
-    for sample in samples:
-        for ra, rb in zip(sa.run(None, sample.feeds), sb.run(None, sample.feeds)):
+    for ref_outputs, cand_outputs in zip(reference, candidate):
+        for ra, rb in zip(ref_outputs, cand_outputs):
             ra = np.asarray(ra, dtype=np.float64)
             rb = np.asarray(rb, dtype=np.float64)
-            scale = max(float(np.max(np.abs(ra))) if ra.size else 0.0, 1e-12)
             if ra.shape != rb.shape:
                 return float("inf")
             if ra.size:
+                scale = max(float(np.max(np.abs(ra))), 1e-12)
                 worst = max(worst, float(np.max(np.abs(ra - rb))) / scale)
     return worst
+
+
+def outputs_on(model: onnx.ModelProto, samples: list[Sample]) -> list[list[np.ndarray]]:
+    session = make_session(model, threads=None)
+    return [session.run(None, s.feeds) for s in samples]
 
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -99,11 +103,25 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
                 raise UnsupportedModelError(f"initializer '{tensor.name}' contains {bad} NaN or infinite value(s)")
 
 
-def prepare(model: onnx.ModelProto, samples: list[Sample], *, min_opset: int = 13) -> tuple[onnx.ModelProto, PrepareReport]:
-    """Return a folded, cleaned copy of ``model`` whose outputs match it on ``samples``."""
+def prepare(
+    model: onnx.ModelProto,
+    samples: list[Sample],
+    *,
+    reference: list[list[np.ndarray]] | None = None,
+    min_opset: int = 13,
+) -> tuple[onnx.ModelProto, PrepareReport]:
+    """Return a folded, cleaned copy of ``model`` whose outputs match it on ``samples``.
+
+    Args:
+        model: the fp32 model (not modified).
+        samples: a few samples to check each step on.
+        reference: ``model``'s outputs on ``samples`` if already computed.
+    """
     if is_quantized(model):
         raise UnsupportedModelError("the model is already quantized (it has Q/DQ or QLinear nodes); give the fp32 model")
     check_finite_weights(model)
+    if reference is None:
+        reference = outputs_on(model, samples)
     report = PrepareReport(nodes_before=len(model.graph.node))
     current = model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), min_opset)
@@ -114,18 +132,16 @@ def prepare(model: onnx.ModelProto, samples: list[Sample], *, min_opset: int = 1
     for name, step in candidates:
         try:
             candidate = step(current)
+            error = max_relative_error(reference, outputs_on(candidate, samples))
         except Exception as exc:  # noqa: BLE001 - a failed optional step is skipped, not fatal
             log.warning("preparation step '%s' failed and was skipped: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
             report.steps.append({"step": name, "applied": False, "reason": f"failed: {type(exc).__name__}"})
             continue
-        error = max_relative_error(current, candidate, samples)
         if error > LOSSLESS_RTOL:
             log.warning("preparation step '%s' changed outputs by %.2g (relative); skipped", name, error)
             report.steps.append({"step": name, "applied": False, "reason": f"outputs moved by {error:.2g}"})
             continue
-        report.steps.append({
-            "step": name, "applied": True, "nodes": len(candidate.graph.node), "max_relative_error": error,
-        })
+        report.steps.append({"step": name, "applied": True, "nodes": len(candidate.graph.node), "max_relative_error": error})
         current = candidate
     if current is model:
         current = onnx.ModelProto()

@@ -40,6 +40,32 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t, _ in iter_tensors(model) if t.data_type not in NON_PARAM_TYPES)
 
 
+def weightless(model: onnx.ModelProto, *, max_inline: int = 4096) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference and MAC counting, without the weight bytes.
+
+    Initializers with more than ``max_inline`` elements (learned weights, never shape
+    constants) become typed graph inputs of the same shape, so copying and inferring a
+    model of hundreds of MB takes milliseconds; node order and names are unchanged.
+    """
+    skeleton = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, name, getattr(model, name))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph, source = skeleton.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    for t in source.initializer:
+        if t.data_type in NON_PARAM_TYPES or math.prod(t.dims) <= max_inline:
+            graph.initializer.append(t)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return skeleton
+
+
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -86,7 +112,7 @@ class GraphIndex:
         self.shapes: dict[str, Shape] = {}
         if with_shapes:
             fixed, _ = concrete_input_shapes(model, input_shapes or {})
-            self.shapes = infer_shapes(with_input_shapes(model, fixed))
+            self.shapes = infer_shapes(with_input_shapes(weightless(model), fixed))
 
     # ------------------------------------------------------------------ constants
 

@@ -34,6 +34,7 @@ from onnxshrink.runtime import make_session
 log = logging.getLogger(__name__)
 
 BINS = 2048  # must be divisible by 4 for range doubling
+HISTOGRAM_SAMPLE = 1 << 16  # values per tensor and sample that go into the histogram
 METHODS = ("minmax", "percentile", "mse", "entropy")
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -51,7 +52,7 @@ class TensorStats:
     def update(self, x: np.ndarray, *, histogram: bool) -> None:
         if x.size == 0:
             return
-        x = np.asarray(x, dtype=np.float32).ravel()
+        x = np.asarray(x).reshape(-1)
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise DataError("an activation became NaN or infinite during calibration")
@@ -59,6 +60,10 @@ class TensorStats:
         self.count += x.size
         if not histogram:
             return
+        if x.size > HISTOGRAM_SAMPLE:
+            # The shape of the distribution needs far fewer values than a feature map has;
+            # min and max above are still exact.
+            x = x[:: x.size // HISTOGRAM_SAMPLE]
         amax = max(abs(lo), abs(hi))
         if self.hist is None:
             self.radius = amax if amax > 0 else 1e-8
@@ -69,7 +74,7 @@ class TensorStats:
             self.hist = np.zeros(BINS, dtype=np.int64)
             self.hist[BINS // 4 : 3 * BINS // 4] = merged
             self.radius *= 2.0
-        idx = ((x + self.radius) * (BINS / (2.0 * self.radius))).astype(np.int64)
+        idx = ((x.astype(np.float32, copy=False) + np.float32(self.radius)) * np.float32(BINS / (2.0 * self.radius))).astype(np.intp)
         np.clip(idx, 0, BINS - 1, out=idx)
         self.hist += np.bincount(idx, minlength=BINS)
 
@@ -105,36 +110,60 @@ def _augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return augmented
 
 
+@dataclass
+class CalibrationPass:
+    """What one pass over the data gave: per-tensor statistics, and the model's own outputs
+    (with labels) on the samples asked to be recorded, for judging candidates later."""
+
+    stats: dict[str, TensorStats]
+    recorded_outputs: list[list[np.ndarray]]
+    recorded_labels: list[int | None]
+
+
 def collect_stats(
     model: onnx.ModelProto,
     samples: Iterable[Sample],
     *,
     histogram: bool,
+    calibrate: range | None = None,
+    record: range | None = None,
     tensors: list[str] | None = None,
     progress: bool = False,
-    total: int | None = None,
-) -> dict[str, TensorStats]:
-    """Run ``model`` on every sample and summarise each float activation."""
+) -> CalibrationPass:
+    """Run ``model`` once per sample; summarise each float activation on the samples whose
+    position is in ``calibrate`` (all when None), keep the graph outputs of those in ``record``.
+    """
     names = tensors if tensors is not None else float_activations(model)
+    graph_outputs = [o.name for o in model.graph.output]
     session = make_session(_augmented(model, names), threads=None, optimization="basic")
     out_names = [o.name for o in session.get_outputs()]
     wanted = set(names)
     stats = {name: TensorStats() for name in names}
-    iterator = samples
+    recorded: list[list[np.ndarray]] = []
+    labels: list[int | None] = []
+    iterator: Iterable[Sample] = samples
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(samples, total=total, desc="calibrating", unit="sample", leave=False)
-    seen = 0
-    for sample in iterator:
-        outputs = session.run(out_names, sample.feeds)
-        for name, value in zip(out_names, outputs):
-            if name in wanted:
-                stats[name].update(value, histogram=histogram)
-        seen += 1
-    if seen == 0:
+        iterator = tqdm(samples, desc="calibrating", unit="sample", leave=False)
+    calibrated = 0
+    for i, sample in enumerate(iterator):
+        observe = calibrate is None or i in calibrate
+        keep = record is not None and i in record
+        if not (observe or keep):
+            continue
+        values = dict(zip(out_names, session.run(out_names, sample.feeds)))
+        if observe:
+            calibrated += 1
+            for name in wanted:
+                if name in values:
+                    stats[name].update(values[name], histogram=histogram)
+        if keep:
+            recorded.append([values[o] for o in graph_outputs])
+            labels.append(sample.label)
+    if calibrated == 0:
         raise DataError("no calibration samples")
-    return {k: v for k, v in stats.items() if v.count}
+    return CalibrationPass({k: v for k, v in stats.items() if v.count}, recorded, labels)
 
 
 # --------------------------------------------------------------------------- range choice
@@ -168,21 +197,17 @@ def _mse_range(stats: TensorStats, qmax: int) -> tuple[float, float]:
     assert stats.hist is not None
     lo0, hi0 = min(stats.lo, 0.0), max(stats.hi, 0.0)
     mask = stats.hist > 0
-    x = stats.centers[mask]
-    weight = stats.hist[mask].astype(np.float64)
-    alphas = np.linspace(0.15, 1.0, 86)
-    best, best_err = (lo0, hi0), math.inf
-    for alpha in alphas:
-        lo, hi = alpha * lo0, alpha * hi0
-        scale = (hi - lo) / qmax
-        if scale <= 0:
-            continue
-        zero = np.round(-lo / scale)
-        q = np.clip(np.round(x / scale) + zero, 0, qmax)
-        err = float(np.sum(weight * (x - (q - zero) * scale) ** 2))
-        if err < best_err * (1 - 1e-9):
-            best, best_err = (lo, hi), err
-    return best
+    x = stats.centers[mask][None, :]
+    weight = stats.hist[mask].astype(np.float64)[None, :]
+    alphas = np.linspace(0.15, 1.0, 86)[:, None]
+    lo, hi = alphas * lo0, alphas * hi0
+    scale = np.maximum((hi - lo) / qmax, 1e-30)
+    zero = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zero, 0, qmax)
+    err = np.sum(weight * (x - (q - zero) * scale) ** 2, axis=1)
+    # Ties go to the widest range (nothing clipped for the same error).
+    best = int(len(err) - 1 - np.argmin(err[::-1]))
+    return float(lo[best, 0]), float(hi[best, 0])
 
 
 def _entropy_range(stats: TensorStats, target_bins: int = 128) -> tuple[float, float]:

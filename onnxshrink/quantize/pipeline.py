@@ -125,17 +125,13 @@ class Int8Result:
 
 
 class _Evaluator:
-    """Fidelity of candidates against fp32 on the evaluation samples (reference cached)."""
+    """Fidelity of candidates against fp32 outputs recorded on the evaluation samples."""
 
-    def __init__(self, fp32: onnx.ModelProto, dataset: Dataset, indices: range) -> None:
+    def __init__(self, dataset: Dataset, indices: range, reference: list[list[np.ndarray]], labels: list[int | None]) -> None:
         self.dataset = dataset
         self.indices = indices
-        session = make_session(fp32, threads=None)
-        self.reference: list[list[np.ndarray]] = []
-        self.labels: list[int | None] = []
-        for sample in iter_range(dataset, indices):
-            self.reference.append(session.run(None, sample.feeds))
-            self.labels.append(sample.label)
+        self.reference = reference
+        self.labels = labels
 
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
         session = make_session(candidate, threads=None)
@@ -220,21 +216,26 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     if count == 0:
         raise DataError("the calibration data holds no samples")
     split = split_samples(count, config.max_calibration_samples)
-    check_samples = list(iter_range(dataset, range(split.evaluation.start, min(split.evaluation.start + 4, split.evaluation.stop))))
-    prepared, prep_report = prepare(model, check_samples)
+    checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
+    prepared, prep_report = prepare(model, checks)
     ensure_node_names(prepared)
 
+    # One pass over the data: statistics on the calibration samples, fp32 outputs (of the
+    # prepared model, equal to the original's within 1e-4) on the evaluation samples.
     method = "mse" if config.method == "auto" else config.method
-    stats = collect_stats(
+    span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
+    calibration = collect_stats(
         prepared,
-        iter_range(dataset, split.calibration),
+        iter_range(dataset, span),
         histogram=method != "minmax",
+        calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
+        record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
         progress=progress,
-        total=len(split.calibration),
     )
-    ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in stats.items()}
+    ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
+    evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels)
+    del calibration
 
-    evaluate = _Evaluator(prepared, dataset, split.evaluation)
     classify = bool(evaluate.reference) and evaluate.reference[0][0].ndim == 2 and evaluate.reference[0][0].shape[1] > 1
     target = _target(config, classify)
     macs = count_macs(prepared).by_node
