@@ -85,6 +85,8 @@ def make_session(
         options.optimized_model_filepath = str(optimized_model_path)
     options.enable_profiling = enable_profiling
     providers: list[Any] = [(full, provider_options or {})]
+    if full == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available_providers():
+        providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
     if isinstance(model, onnx.ModelProto):
@@ -94,10 +96,17 @@ def make_session(
     else:
         source = str(Path(model))
     try:
-        return ort.InferenceSession(source, options, providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime cannot load the model: {first}") from exc
+    if full not in session.get_providers():
+        # onnxruntime drops a provider whose libraries fail to load and carries on on CPU.
+        raise ConfigError(
+            f"execution provider '{provider}' is installed but failed to start (missing CUDA/TensorRT "
+            "libraries?); refusing to fall back to CPU silently"
+        )
+    return session
 
 
 def run(session: Any, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:

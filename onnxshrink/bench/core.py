@@ -21,10 +21,10 @@ import contextlib
 import datetime
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,8 +32,9 @@ from typing import Any, cast
 import numpy as np
 import onnx
 
-from onnxshrink import __version__
 from onnxshrink.bench import gates as gates_mod
+from onnxshrink.bench.context import environment as machine
+from onnxshrink.bench.context import load_average, stability_notes
 from onnxshrink.bench.evaluate import evaluate, take_batches
 from onnxshrink.bench.memory import measure_memory
 from onnxshrink.bench.profiling import profile_model, require_provider
@@ -48,7 +49,7 @@ from onnxshrink.bench.timing import (
 from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, DataError, ShrinkError
 from onnxshrink.modelio import ModelInfo, load_model, ort_model_source
-from onnxshrink.runtime import available_providers, make_session, resolve_provider
+from onnxshrink.runtime import make_session, resolve_provider, run
 from onnxshrink.stats import concrete_input_shapes, count_macs, graph_inputs, value_signature
 from onnxshrink.verify import FidelityMeter
 
@@ -135,60 +136,6 @@ def _input_shapes(model: onnx.ModelProto, config: BenchConfig) -> dict[str, list
     return shapes
 
 
-def _environment() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "onnxshrink": __version__,
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "available_providers": available_providers(),
-    }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):  # not on Windows
-        return None
-
-
-#: Block ratios further apart than this (relative to the ratio) earn a note.
-DRIFT_WARN = 0.10
-
-
-def _stability_notes(entries: list[dict[str, Any]], load: list[float] | None) -> list[str]:
-    notes = []
-    cpus = os.cpu_count() or 1
-    if load is not None and load[0] > cpus:
-        notes.append(
-            f"the machine was busy (1-minute load average {load[0]:g} on {cpus} logical CPUs): other work can "
-            "slow different models by different factors, so latency ratios may not repeat; gate on a quiet machine"
-        )
-    for m in entries[1:]:
-        vs = m["vs_baseline"]
-        blocks = vs["latency_ratio_blocks"]
-        spread = (max(blocks) - min(blocks)) / vs["latency_ratio"]
-        if spread > DRIFT_WARN:
-            values = ", ".join(f"{b:.3f}" for b in blocks)
-            notes.append(
-                f"{m['name']}: the latency ratio drifted during the run (by quarter: {values}); the machine's load "
-                "changed, and the 95% interval, which assumes it did not, is too narrow"
-            )
-    return notes
-
-
 class _Bar:
     """One tqdm bar on stderr for the whole run; silent when disabled or not a terminal."""
 
@@ -204,8 +151,26 @@ class _Bar:
 
     def step(self, n: int = 1) -> None:
         if self._bar.total is not None and self._bar.n + n > self._bar.total:
-            self._bar.total = self._bar.n + n  # --min-time added rounds
+            self._bar.total = self._bar.n + n
         self._bar.update(n)
+
+    def timed_rounds(self, planned: int, min_seconds: float) -> Callable[[int], None]:
+        """A progress callback for rounds that may run past ``planned`` until ``min_seconds``.
+
+        The bar's total is re-estimated from the rate so far, so it does not sit at 100%.
+        """
+        start, done, base = time.perf_counter(), 0, self._bar.total or 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            elapsed = time.perf_counter() - start
+            if min_seconds and elapsed > 0.05:
+                extra = max(0, int(done * min_seconds / elapsed) + 1 - planned)
+                self._bar.total = max(base + extra, self._bar.n + n)
+            self.step(n)
+
+        return step
 
     def close(self) -> None:
         self._bar.close()
@@ -218,15 +183,15 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
     provider_full = resolve_provider(config.provider)
     if config.gates.any() and len(paths) < 2:
         raise ConfigError("gates compare candidates with the baseline: give at least two models")
-    load_before = _load_average()
+    load_before = load_average()
     models = [_Model(n, p, *load_model(p)) for n, p in zip(_unique_names(paths), paths)]
     base = models[0]
-    input_names = [v.name for v in graph_inputs(base.proto)]
+    base_sigs = {v.name: value_signature(v).dtype for v in graph_inputs(base.proto)}
     for m in models[1:]:
-        names = [v.name for v in graph_inputs(m.proto)]
-        if sorted(names) != sorted(input_names):
+        sigs = {v.name: value_signature(v).dtype for v in graph_inputs(m.proto)}
+        if sigs != base_sigs:
             raise ShrinkError(
-                f"inputs {names} differ from the baseline's {input_names}; models must take the same inputs",
+                f"inputs {sigs} differ from the baseline's {base_sigs}; models must take the same inputs",
                 path=m.path,
             )
     notes: list[str] = []
@@ -277,9 +242,8 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
                 bar.step()
             feeds = [f for f, _ in take_batches(dataset, group, config.latency_feeds, fixed_batch)]
             bar.phase("latency")
-            stats = measure_interleaved([m.session for m in models], feeds, warmup=config.warmup,
-                                        rounds=config.runs, min_seconds=config.min_time or None,
-                                        progress=bar.step)  # fmt: skip
+            progress = bar.timed_rounds(config.warmup + max(config.runs, 3), config.min_time)
+            stats = _timed(models, feeds, config, progress)
             bar.phase("accuracy")
             accuracy, meters, rows = evaluate(
                 [m.session for m in models],
@@ -341,8 +305,8 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
         }
         entries.append(entry)
     gate_list = gates_mod.evaluate(config.gates, entries, data_kind=data_kind)
-    notes += _stability_notes(entries, load_before)
-    environment = _environment()
+    notes += stability_notes(entries, load_before)
+    environment = machine()
     environment["load_average"] = load_before
     return {
         "schema": SCHEMA,
@@ -368,6 +332,22 @@ def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
         "passed": all(g.passed for g in gate_list),
         "notes": notes,
     }
+
+
+def _timed(
+    models: list[_Model], feeds: list[dict[str, np.ndarray]], config: BenchConfig, progress: Any
+) -> list[LatencyStats]:
+    try:
+        return measure_interleaved([m.session for m in models], feeds, warmup=config.warmup, rounds=config.runs,
+                                   min_seconds=config.min_time or None, progress=progress)  # fmt: skip
+    except Exception as exc:
+        # Which model failed is found by running each once (cheap, and only on this path).
+        for m in models:
+            try:
+                run(m.session, feeds[0])
+            except ShrinkError as failed:
+                raise ShrinkError(failed.message, path=m.path) from exc
+        raise ShrinkError(f"onnxruntime failed while timing: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _versus(cand: LatencyStats, base: LatencyStats, meter: FidelityMeter, seed: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxshrink.bench import svg
-from onnxshrink.bench.text import describe_settings, gate_value, memory_text, ms, num, pct
+from onnxshrink.bench.text import describe_settings, gate_value, memory_caption, memory_text, ms, num, pct
 from onnxshrink.errors import ConfigError, ModelSaveError
 from onnxshrink.report import human_bytes
 
@@ -28,8 +28,8 @@ th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeri
 .pass{color:#176b2c;font-weight:600} .fail{color:#b3261e;font-weight:600}
 .banner{padding:10px 14px;border-radius:6px;margin:14px 0;font-weight:600}
 .banner.pass{background:#e6f4ea} .banner.fail{background:#fce8e6} .banner.none{background:#f1f3f4;color:#444}
-.meta{color:#555;font-size:13px;margin:2px 0} .caption{color:#555;font-size:12.5px;max-width:900px}
-.warn{background:#fff4e5;border-left:4px solid #f28e2b;padding:6px 10px;font-size:13px;margin:6px 0}
+.meta{color:#555;font-size:13px;margin:2px 0} li{font-size:13px;margin:3px 0} .caption{color:#555;font-size:12.5px;max-width:900px}
+.warn{background:#fff4e5;border-left:4px solid #f28e2b;padding:6px 10px;font-size:13px;margin:6px 0} .warn ul{margin:4px 0;padding-left:20px}
 svg.chart{max-width:100%;height:auto;display:block;margin:6px 0}
 code{font-size:12px;background:#f4f4f4;padding:1px 4px;border-radius:3px}
 """
@@ -127,7 +127,7 @@ def _scatter(payload: dict[str, Any]) -> str:
         what = "top-1 agreement with the baseline (the baseline is 100% by definition) on " + (
             "RANDOM inputs: it says little about real data" if kind == "random" else "unlabelled data"
         )
-    chart = svg.scatter(points, x_label="p50 latency (ms)", y_label=y_label, y_cap=100.0)
+    chart = svg.scatter(points, x_label="p50 latency (ms)", y_label=y_label, y_cap=100.0, y_min_span=2.0)
     return (
         chart
         + f'<p class="caption">Up and to the left is better. y: {escape(what)}; x: median latency per run.</p>'
@@ -149,7 +149,7 @@ def _ops(payload: dict[str, Any]) -> str:
         segments = [(k, by[k]) for k in named if k in by]
         other = sum(v for k, v in by.items() if k not in named)
         if other > 0:
-            segments.append(("other", other))
+            segments.append((svg.OTHER, other))
         rows.append((m["name"], segments))
     chart = svg.stacked_bars(rows, unit="kernel time per run (us)")
     runs = models[0]["profile"]["runs"]
@@ -227,6 +227,16 @@ def _fusion(payload: dict[str, Any]) -> str:
     return table + caption + f"<details><summary>Details</summary>{raw}</details>"
 
 
+def _notes(payload: dict[str, Any]) -> str:
+    """Caveats of the run, shown first: they qualify every figure below."""
+    notes = [n for n in payload["notes"] if not n.startswith("no --data")]  # that one has its own box
+    if not notes:
+        return ""
+    return (
+        '<div class="warn"><b>Notes</b><ul>' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul></div>"
+    )
+
+
 def render(payload: dict[str, Any]) -> str:
     models = payload["models"]
     kind = payload["settings"]["data"]["kind"]
@@ -244,23 +254,22 @@ def render(payload: dict[str, Any]) -> str:
         (f'<p class="meta">onnxruntime {escape(env["onnxruntime"])}, {escape(env["cpu"] or "unknown CPU")} '
          f'({env["cpu_count"]} logical CPUs), {escape(payload["created"])}</p>'),
         warn,
+        _notes(payload),
         "<h2>Gates</h2>", _gates(payload),
         "<h2>Summary</h2>", _summary(models),
         ('<p class="caption">Latencies are per run in milliseconds, measured with the models interleaved in one '
          "process. ratio = p50 candidate / p50 baseline with a 95% paired-bootstrap interval; speed-up = its "
-         "inverse. create = session creation time; peak mem = peak RSS growth while creating and running the "
-         "session, each model in a process of its own; size = model file plus external data.</p>"),
+         "inverse. create = session creation time (one measurement); size = model file plus external data; "
+         f"peak mem = {escape(memory_caption(models))}.</p>"),
         "<h2>Latency distribution</h2>",
         svg.box_plot([(m["name"], m["latency_ms"]["samples_ms"]) for m in models]),
-        ('<p class="caption">Each dot is one timed run. Box: 25th to 75th percentile; thick line: median; '
+        (f'<p class="caption">Each dot is one timed run (at most {svg.MAX_DOTS} drawn per model). Box: 25th to 75th percentile; thick line: median; '
          "whiskers: 1st and 99th percentiles. The axis is logarithmic when the slowest run is over 4&times; the "
          "fastest.</p>"),
         "<h2>Accuracy vs latency</h2>", _scatter(payload),
         "<h2>Time by op type</h2>", _ops(payload),
         "<h2>Fusion lint</h2>", _fusion(payload),
     ]  # fmt: skip
-    if payload["notes"]:
-        sections += ["<h2>Notes</h2><ul>", *(f"<li>{escape(n)}</li>" for n in payload["notes"]), "</ul>"]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>onnxshrink bench: {names}</title><style>{_CSS}</style></head><body>"

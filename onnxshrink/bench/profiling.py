@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxshrink.errors import ConfigError
+from onnxshrink.errors import ConfigError, ShrinkError
 from onnxshrink.runtime import resolve_provider
 
 CPU = "CPUExecutionProvider"
@@ -169,10 +169,16 @@ def profile_model(
         providers: list[Any] = [(full, provider_options)]
         if full != CPU:
             providers.append(CPU)
-        session = ort.InferenceSession(source, options, providers=providers)
-        require_provider(session, full)
-        for _ in range(runs + 1):
-            session.run(None, feed)
+        try:
+            session = ort.InferenceSession(source, options, providers=providers)
+            require_provider(session, full)
+            for _ in range(runs + 1):
+                session.run(None, feed)
+        except ShrinkError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ShrinkError(f"onnxruntime failed in the profiler pass: {first}") from exc
         trace = Path(session.end_profiling())
         if not trace.is_absolute():
             trace = Path.cwd() / trace

@@ -36,7 +36,10 @@ Non-finite floats (an SQNR of identical outputs) are written as the strings ``"i
                        samples_ms: [float] (one per timed round, in round order)}
       throughput_per_s  batch / p50 latency, rows per second
       memory          null | {method: "vmhwm-reset"|"vmhwm-delta"|"rusage-delta"|null,
-                       peak_rss_growth_bytes: int|null, runs: int, error: str|null}
+                       peak_rss_growth_bytes: int|null (this model's session: creation + runs),
+                       runtime_init_bytes: int|null (onnxruntime's one-time cost per process),
+                       process_peak_rss_bytes: int|null (whole child process, Python included),
+                       runs: int, error: str|null}  (see onnxshrink.bench.memory)
       accuracy        null (no labels, or outputs are not class scores) |
                       {top1: float, top5: float|null (<= 5 classes), samples: int}
       vs_baseline     null for the baseline; for a candidate:
@@ -50,10 +53,14 @@ Non-finite floats (an SQNR of identical outputs) are written as the strings ``"i
                              accuracy_candidate, accuracy_drop_points: float|null}
                             (candidate outputs against the baseline's on settings.data)
       profile         null | {runs: int, total_us_per_run: float,
-                       by_op_type: [{op_type: str, us_per_run: float, share: float, nodes: int}],
+                       by_op_type: [{op_type: str, us_per_run: float (median over runs),
+                                     share: float, nodes: int}] slowest first,
                        providers: {provider: nodes it ran},
                        cpu_fallback_nodes: [{name, op_type}] (only for non-CPU providers)}
-      fusion          null | the fusion lint of onnxshrink.fusion for this model
+      fusion          null | {summary: str} + onnxshrink.fusion.FusionReport.to_json(): provider,
+                       int8_kernels, int8_mac_fraction, int8_macs, total_macs,
+                       remaining_quantize_linear, remaining_dequantize_linear, unfused_units,
+                       unfused_by_op_type, redundant_qdq_pairs, optimized_ops
     gates             [{name: "min_speedup"|"max_drop"|"min_agreement"|"max_size",
                         model: str, threshold: float, value: float|null, passed: bool,
                         detail: str (what value is)}]

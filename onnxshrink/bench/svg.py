@@ -20,6 +20,10 @@ PALETTE = (
     "#9c755f",
     "#bab0ac",
 )
+#: Samples drawn as dots per box plot row at most (a random, seeded subset beyond that).
+MAX_DOTS = 1500
+OTHER = "other"
+OTHER_COLOR = "#bab0ac"
 _FONT = 'font-family="system-ui, sans-serif" font-size="12"'
 
 
@@ -108,7 +112,8 @@ def box_plot(series: Sequence[tuple[str, Sequence[float]]], *, unit: str = "ms",
         body.append(
             f'<text x="{left - 10}" y="{cy + 4:.1f}" text-anchor="end" fill="#222">{escape(name)}</text>'
         )
-        for value, dy in zip(v, rng.uniform(-row_h * 0.32, row_h * 0.32, v.size)):
+        shown = v if v.size <= MAX_DOTS else rng.choice(v, MAX_DOTS, replace=False)
+        for value, dy in zip(shown, rng.uniform(-row_h * 0.32, row_h * 0.32, shown.size)):
             body.append(
                 f'<circle cx="{sx(value):.1f}" cy="{cy + dy:.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>'
             )
@@ -138,12 +143,14 @@ def scatter(
     x_label: str,
     y_label: str,
     y_cap: float | None = None,
+    y_min_span: float = 0.0,
     width: int = 620,
     height: int = 380,
 ) -> str:
     """Labelled points; colours follow the series order of the other charts.
 
-    ``y_cap`` bounds the y axis (100 for percentages) when the data allow it.
+    ``y_cap`` bounds the y axis (100 for percentages) when the data allow it; ``y_min_span``
+    keeps a tiny difference (0.1 accuracy points) from filling the whole height.
     """
     left, right, top, bottom = 70, 150, 16, 50
     xs = [p[1] for p in points] or [0.0]
@@ -151,10 +158,13 @@ def scatter(
     xpad = (max(xs) - min(xs)) * 0.15 or max(abs(max(xs)), 1e-9) * 0.1
     ypad = (max(ys) - min(ys)) * 0.15 or max(abs(max(ys)), 1e-9) * 0.01 or 1.0
     xt = nice_ticks(max(0.0, min(xs) - xpad), max(xs) + xpad)
-    y_hi = max(ys) + ypad
-    if y_cap is not None and max(ys) <= y_cap:
-        y_hi = min(y_hi, y_cap)
-    yt = nice_ticks(min(ys) - ypad, y_hi)
+    y_lo, y_hi = min(ys) - ypad, max(ys) + ypad
+    if y_hi - y_lo < y_min_span:
+        mid = (max(ys) + min(ys)) / 2
+        y_lo, y_hi = mid - y_min_span / 2, mid + y_min_span / 2
+    if y_cap is not None and max(ys) <= y_cap and y_hi > y_cap:
+        y_lo, y_hi = y_lo - (y_hi - y_cap), y_cap
+    yt = nice_ticks(y_lo, y_hi)
 
     def sx(v: float) -> float:
         return left + (v - xt[0]) / ((xt[-1] - xt[0]) or 1) * (width - left - right)
@@ -188,11 +198,23 @@ def stacked_bars(
     keys: list[str] = []
     for _, segments in rows:
         keys += [k for k, _ in segments if k not in keys]
+    if OTHER in keys:  # the remainder goes last, in grey
+        keys.remove(OTHER)
+        keys.append(OTHER)
+    fills = {k: (OTHER_COLOR if k == OTHER else color(i)) for i, k in enumerate(keys)}
+    # Legend entries flow left to right, wrapping; width from a rough 7 px per character.
+    legend: list[tuple[str, float, int]] = []
+    lx, line = float(left), 0
+    for key in keys:
+        w = 36 + 7.6 * len(key)
+        if lx + w > width - 10 and lx > left:
+            lx, line = float(left), line + 1
+        legend.append((key, lx, line))
+        lx += w
     total_max = max((sum(v for _, v in s) for _, s in rows), default=1.0) or 1.0
     ticks = nice_ticks(0.0, total_max)
     plot_h = (bar_h + gap) * len(rows)
-    legend_rows = math.ceil(len(keys) / 6)
-    height = top + plot_h + 62 + 20 * legend_rows
+    height = top + plot_h + 62 + 20 * (line + 1)
 
     def sx(v: float) -> float:
         return left + v / (ticks[-1] or 1) * (width - left - right)
@@ -207,15 +229,14 @@ def stacked_bars(
         for key, value in segments:
             w = sx(acc + value) - sx(acc)
             body.append(
-                f'<rect x="{sx(acc):.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{bar_h}" fill="{color(keys.index(key))}">'
+                f'<rect x="{sx(acc):.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{bar_h}" fill="{fills[key]}">'
                 f"<title>{escape(name)}: {escape(key)} {value:.1f} {escape(unit)}</title></rect>"
             )
             acc += value
         body.append(f'<text x="{sx(acc) + 6:.1f}" y="{y + bar_h / 2 + 4:.1f}" fill="#222">{acc:.0f}</text>')
     ly = top + plot_h + 62
-    for k, key in enumerate(keys):
-        lx = left + (k % 6) * 120
-        yy = ly + (k // 6) * 20
-        body.append(f'<rect x="{lx}" y="{yy - 10}" width="12" height="12" fill="{color(k)}"/>')
-        body.append(f'<text x="{lx + 17}" y="{yy}" fill="#222">{escape(key)}</text>')
+    for key, x, row in legend:
+        yy = ly + row * 20
+        body.append(f'<rect x="{x:.0f}" y="{yy - 10}" width="12" height="12" fill="{fills[key]}"/>')
+        body.append(f'<text x="{x + 17:.0f}" y="{yy}" fill="#222">{escape(key)}</text>')
     return _svg(width, height, body, f"time by op type ({unit})")

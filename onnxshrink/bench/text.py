@@ -52,6 +52,19 @@ def memory_text(memory: dict[str, Any] | None) -> str:
     return human_bytes(memory["peak_rss_growth_bytes"])
 
 
+def memory_caption(models: list[dict[str, Any]]) -> str:
+    """What the peak-memory column means, with onnxruntime's one-time cost when measured."""
+    text = "peak RSS growth while creating and running the model's session (a child process per model"
+    inits = [
+        m["memory"]["runtime_init_bytes"]
+        for m in models
+        if m["memory"] and m["memory"].get("runtime_init_bytes")
+    ]
+    if inits:
+        text += f"; onnxruntime's one-time cost per process, about {human_bytes(max(inits))}, is not included"
+    return text + ")"
+
+
 def describe_settings(payload: dict[str, Any]) -> list[str]:
     s = payload["settings"]
     threads = (
@@ -100,7 +113,7 @@ def render(payload: dict[str, Any], *, top_ops: int = 5) -> str:
     ]
     lines += [section("Latency (ms)"), format_table(rows, headers, align="lrrrrrrlrrr")]
     lines.append("ratio = p50 candidate / p50 baseline (paired bootstrap CI); create = session creation, ms")
-    lines.append("peak mem = peak RSS growth while creating and running the session (own process per model)")
+    lines.append("peak mem = " + memory_caption(models))
     kind = payload["settings"]["data"]["kind"]
     rows = []
     for m in models:

@@ -67,10 +67,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int, show_traceback: bool) -> N
 
 
 def _register_commands() -> None:
-    from onnxshrink.cli import inspect_cmd, shrink_cmd
+    from onnxshrink.cli import bench_cmd, inspect_cmd, shrink_cmd
 
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(shrink_cmd.shrink_command, name="shrink")
+    cli.add_command(bench_cmd.bench)
 
 
 _register_commands()
