@@ -264,3 +264,32 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path, small_model):
     stale.write_bytes(b"half a model")
     save_model(small_model, tmp_path / "out.onnx")
     assert not stale.exists()
+
+
+# ----------------------------------------------------------------- models from real exporters
+
+EXPORTERS = Path(__file__).resolve().parent / "data" / "exporters"
+
+
+@pytest.mark.parametrize(
+    "model_file, io_file, lifted",
+    [
+        ("legacy_opset11.onnx", "legacy_opset11_io.npz", False),  # torch TorchScript exporter, opset 11
+        ("dynamo_external/model.onnx", "dynamo_external_io.npz", False),  # torch dynamo, opset 18, .data file
+        ("constant_weights.onnx", "constant_weights_io.npz", True),  # weights as Constant nodes (Paddle-style)
+    ],
+)
+def test_models_from_exporters_load_and_match_torch(tmp_path, model_file, io_file, lifted):
+    model, info = load_model(EXPORTERS / model_file)
+    io = np.load(EXPORTERS / io_file)
+    feeds = {k: io[k] for k in io.files if k != "expected"}
+    np.testing.assert_allclose(run_ort(model, feeds)[0], io["expected"], rtol=1e-5, atol=1e-5)
+    assert not any(n.op_type == "Constant" for n in model.graph.node) or not lifted
+    if lifted:
+        assert len(model.graph.initializer) >= 6
+    if "external" in model_file:
+        assert info.external_bytes > 0
+    # Round trip through our writer, inline and external.
+    for external in (False, True):
+        out = save_model(model, tmp_path / f"rt_{external}.onnx", external_data=external)
+        np.testing.assert_allclose(run_ort(str(out), feeds)[0], io["expected"], rtol=1e-5, atol=1e-5)
