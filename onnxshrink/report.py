@@ -59,3 +59,9 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align
 
 def section(title: str) -> str:
     return f"\n{title}\n{'=' * len(title)}"
+
+
+def format_pairs(rows: Sequence[tuple[str, Any]]) -> str:
+    """Aligned ``label  value`` lines, for key/value blocks."""
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -11,7 +11,7 @@ from onnxshrink.data import DataOptions, ImagePreprocess
 from onnxshrink.errors import ConfigError, GateFailed
 from onnxshrink.quantize import Int8Config
 from onnxshrink.quantize.config import METHODS
-from onnxshrink.report import format_table, human_bytes, human_count, section
+from onnxshrink.report import format_pairs, format_table, human_bytes, human_count, section
 from onnxshrink.shrink import ShrinkOptions, ShrinkOutcome, shrink
 from onnxshrink.stats import parse_shape_overrides
 
@@ -162,7 +162,7 @@ def render(o: ShrinkOutcome) -> str:
             ("cosine", f"{f.cosine:.5f}"),
             ("target", f"{target_text}: {'met' if r.target_met else 'NOT MET'}"),
         ]
-        lines += [section("int8 fidelity vs fp32"), format_table(fid_rows, ["", ""], align="ll")]
+        lines += [section("int8 fidelity vs fp32"), format_pairs(fid_rows)]
         q_rows = [
             ("calibration", f"{r.config.method}, {r.calibration_samples} samples"),
             ("weights / activations", f"int8 {'per-channel' if r.config.per_channel else 'per-tensor'}{' (7-bit)' if r.reduce_range else ''} / {r.config.activation_type}"),
@@ -171,7 +171,7 @@ def render(o: ShrinkOutcome) -> str:
             ("MACs in int8 kernels", _pct(frac)),
             ("nodes left fp32", str(len(r.fp32_nodes))),
         ]
-        lines += [section("Quantization"), format_table(q_rows, ["", ""], align="ll")]
+        lines += [section("Quantization"), format_pairs(q_rows)]
         if r.fp32_nodes:
             shown = r.fp32_nodes[:15]
             lines += ["", format_table([(n.node, n.op_type, n.reason) for n in shown], ["fp32 node", "op", "why"], align="lll")]

@@ -25,6 +25,7 @@ from onnxshrink.data import Sample
 from onnxshrink.errors import UnsupportedModelError
 from onnxshrink.modelio import load_model, ort_model_source
 from onnxshrink.passes.cleanup import cleanup, prune_opset_imports
+from onnxshrink.passes.rewrite import reduce_mean_to_global_pool
 from onnxshrink.runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,19 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     return optimized
 
 
+def _global_pool_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    if not reduce_mean_to_global_pool(rewritten):
+        raise _NothingToDo
+    cleanup(rewritten)
+    return rewritten
+
+
+class _NothingToDo(Exception):
+    """A preparation step that does not apply to this model."""
+
+
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     from onnx import version_converter
 
@@ -129,10 +143,13 @@ def prepare(
     if opset < min_opset:
         candidates.append((f"opset {opset} -> {min_opset}", lambda m: _upgrade_opset(m, min_opset)))
     candidates.append(("fold constants and BatchNorm (onnxruntime basic optimiser)", ort_basic_optimize))
+    candidates.append(("ReduceMean over H,W -> GlobalAveragePool", _global_pool_rewrite))
     for name, step in candidates:
         try:
             candidate = step(current)
             error = max_relative_error(reference, outputs_on(candidate, samples))
+        except _NothingToDo:
+            continue
         except Exception as exc:  # noqa: BLE001 - a failed optional step is skipped, not fatal
             log.warning("preparation step '%s' failed and was skipped: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
             report.steps.append({"step": name, "applied": False, "reason": f"failed: {type(exc).__name__}"})

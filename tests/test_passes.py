@@ -1,0 +1,68 @@
+"""Lossless preparation passes: checked against onnxruntime with tight tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from conftest import SAMPLES
+from onnxshrink.data import RandomDataset, model_input_specs
+from onnxshrink.modelio import load_model
+from onnxshrink.passes.cleanup import remove_dead_nodes, remove_unused_initializers
+from onnxshrink.passes.prepare import prepare
+from onnxshrink.passes.rewrite import reduce_mean_to_global_pool
+from onnxshrink.testing import conv_net, run_ort
+
+
+def _reduce_mean_model(keepdims: int, axes: list[int]) -> onnx.ModelProto:
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="rm", keepdims=keepdims)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array(axes, np.int64), "axes")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_reduce_mean_over_spatial_axes_becomes_global_pool():
+    model = _reduce_mean_model(1, [-1, -2])
+    x = {"x": np.random.default_rng(0).standard_normal((2, 4, 5, 6)).astype(np.float32)}
+    before = run_ort(model, x)[0]
+    assert reduce_mean_to_global_pool(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool"]
+    np.testing.assert_allclose(run_ort(model, x)[0], before, rtol=1e-6, atol=1e-6)
+
+
+def test_reduce_mean_that_drops_dims_or_channels_is_kept():
+    assert reduce_mean_to_global_pool(_reduce_mean_model(0, [2, 3])) == 0
+    assert reduce_mean_to_global_pool(_reduce_mean_model(1, [1, 2, 3])) == 0
+
+
+def test_prepare_folds_batchnorm_losslessly():
+    model, _ = load_model(SAMPLES / "resnet_mini.onnx")
+    samples = RandomDataset(model_input_specs(model), count=4, shapes={"input": [2, 1, 28, 28]}).take(4)
+    prepared, report = prepare(model, samples[:2])
+    ops = [n.op_type for n in prepared.graph.node]
+    assert "BatchNormalization" not in ops and "Identity" not in ops
+    assert report.nodes_after < report.nodes_before
+    for sample in samples:
+        ref = run_ort(model, sample.feeds)[0]
+        np.testing.assert_allclose(run_ort(prepared, sample.feeds)[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_prepare_upgrades_old_opsets():
+    model = conv_net(opset=11)
+    samples = RandomDataset(model_input_specs(model), count=2, shapes={"input": [1, 3, 16, 16]}).take(2)
+    prepared, report = prepare(model, samples)
+    assert next(o.version for o in prepared.opset_import if o.domain == "") >= 13
+    assert report.steps[0]["step"].startswith("opset 11")
+
+
+def test_dead_nodes_and_unused_initializers_are_removed():
+    model = conv_net()
+    model.graph.node.append(helper.make_node("Relu", ["r0"], ["unused_out"], name="dead"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "orphan"))
+    assert remove_dead_nodes(model.graph) == 1
+    assert remove_unused_initializers(model.graph) == 1
+    onnx.checker.check_model(model)
