@@ -20,12 +20,23 @@ import onnx
 
 from onnxshrink import __version__
 from onnxshrink.bench.timing import measure_interleaved, paired_ratio
-from onnxshrink.data import DataOptions, Dataset, open_dataset
+from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, ShrinkError
 from onnxshrink.modelio import check_output_path, load_model, save_model
+from onnxshrink.prune import (
+    ChannelPruneConfig,
+    MagnitudePruneConfig,
+    MagnitudePruneReport,
+    PruneReport,
+    prune_channels,
+    prune_magnitude,
+    recalibrate_batchnorm,
+)
 from onnxshrink.quantize import Int8Config, Int8Result, quantize_int8
+from onnxshrink.quantize.pipeline import iter_range, split_samples
 from onnxshrink.runtime import make_session
 from onnxshrink.stats import count_macs
+from onnxshrink.verify import Fidelity, FidelityMeter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,9 @@ class ShrinkOptions:
 
     quantize: str | None = "int8"  # "int8" or None
     int8: Int8Config = field(default_factory=Int8Config)
+    channels: ChannelPruneConfig | None = None
+    magnitude: MagnitudePruneConfig | None = None
+    recalibrate_bn: bool | None = None  # None: after pruning, when data is given and BN is present
     calibration: str | None = None
     data_options: DataOptions = field(default_factory=DataOptions)
     measure_latency: bool = True
@@ -49,6 +63,12 @@ class ShrinkOptions:
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"--quantize must be int8 or none, not {self.quantize!r}")
+        if self.quantize is None and self.channels is None and self.magnitude is None:
+            raise ConfigError("nothing to do: give --quantize int8 and/or a pruning option (--prune-channels, --prune-magnitude)")
+
+    @property
+    def prunes(self) -> bool:
+        return self.channels is not None or self.magnitude is not None
 
 
 @dataclass
@@ -84,6 +104,9 @@ class ShrinkOutcome:
     params_after: int
     steps: list[str]
     int8: Int8Result | None
+    pruning: list[PruneReport]
+    fidelity: Fidelity | None  # end to end against the original (when pruning changed it)
+    fidelity_on_random: bool
     latency: LatencyComparison | None
     wall_seconds: float
     peak_rss_mb: float
@@ -104,6 +127,9 @@ class ShrinkOutcome:
             "size": {"before_bytes": self.size_before, "after_bytes": self.size_after, "ratio": round(self.size_after / max(self.size_before, 1), 4)},
             "macs": {"before": self.macs_before, "after": self.macs_after},
             "parameters": {"before": self.params_before, "after": self.params_after},
+            "pruning": [r.to_json() for r in self.pruning],
+            "fidelity": self.fidelity.to_json() if self.fidelity else None,
+            "fidelity_on_random_inputs": self.fidelity_on_random,
             "int8": self.int8.to_json() if self.int8 else None,
             "latency": self.latency.to_json() if self.latency else None,
             "conversion": {"wall_seconds": round(self.wall_seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)},
@@ -163,51 +189,94 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
     start = time.perf_counter()
     check_output_path(output_path, input_path=model_path)
     original, info = load_model(model_path)
-    if options.quantize is None:
-        raise ConfigError("nothing to do: give --quantize int8 (or a pruning option)")
-    if options.calibration is None:
+    if options.calibration is None and options.quantize is not None:
         raise ConfigError("--calib DATA is required to quantize: a .npz file, a folder of .npz or images, or 'random'")
-    dataset = open_dataset(options.calibration, original, options.data_options)
+    on_random = options.calibration is None or options.calibration == "random"
+    if options.calibration is None:
+        dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=options.data_options.seed, shapes=options.data_options.shapes)
+    else:
+        dataset = open_dataset(options.calibration, original, options.data_options)
+    macs_before = count_macs(original).total
+    params_before = _params(original)
     steps: list[str] = []
     warnings: list[str] = []
+    pruning: list[PruneReport] = []
     current = original
+    if options.prunes:
+        current = onnx.ModelProto()
+        current.CopyFrom(original)
+        if options.channels is not None:
+            pruning.append(prune_channels(current, options.channels))
+            steps.append("prune.channels")
+        if options.magnitude is not None:
+            pruning.append(prune_magnitude(current, options.magnitude))
+            steps.append("prune.magnitude")
+        if _should_recalibrate(options, current, on_random):
+            count = recalibrate_batchnorm(current, dataset.take(min(len(dataset), _RECALIBRATION_SAMPLES)), threads=None)
+            steps.append(f"recalibrate.batchnorm({count})")
     int8_result = None
     if options.quantize == "int8":
         int8_result = quantize_int8(current, dataset, options.int8, progress=options.progress)
         current = int8_result.model
         steps.append("quantize.int8")
         warnings += int8_result.notes
+    fidelity = None
+    if options.prunes:
+        fidelity = end_to_end_fidelity(original, current, dataset)
+        if on_random:
+            warnings.append("fidelity was measured on random inputs: it says nothing about accuracy; give --calib DATA")
     _stamp_metadata(current, steps)
     save_model(current, output_path, input_path=model_path)
     convert_seconds = time.perf_counter() - start
     convert_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     latency = None
     if options.measure_latency:
-        latency = compare_latency(original, current, dataset, provider=options.int8.provider, threads=options.threads, rounds=options.latency_rounds)
+        provider = options.int8.provider
+        latency = compare_latency(original, current, dataset, provider=provider, threads=options.threads, rounds=options.latency_rounds)
         if latency.ratio > 1.0:
-            cause = int8_result.fusion.summary() if int8_result else ""
-            warnings.append(
-                f"the compressed model is SLOWER than the original on {latency.provider} "
-                f"({latency.ratio:.2f}x the latency). Fusion lint: {cause}"
-            )
-    macs_before = count_macs(original).total
-    macs_after = macs_before  # quantization keeps MACs; pruning (when given) changes them
+            cause = f" Fusion lint: {int8_result.fusion.summary()}" if int8_result else ""
+            warnings.append(f"the compressed model is SLOWER than the original on {latency.provider} ({latency.ratio:.2f}x the latency).{cause}")
+    if any(isinstance(r, MagnitudePruneReport) for r in pruning):
+        warnings.append("magnitude pruning makes the file compress better (gzip) but gives no speed-up in ONNX Runtime, whose kernels are dense; use --prune-channels for speed")
     return ShrinkOutcome(
         input_path=str(model_path),
         output_path=str(output_path),
         size_before=info.file_bytes + info.external_bytes,
         size_after=_file_size(output_path, current),
         macs_before=macs_before,
-        macs_after=macs_after,
-        params_before=_params(original),
+        macs_after=count_macs(current).total,
+        params_before=params_before,
         params_after=_params(current),
         steps=steps,
         int8=int8_result,
+        pruning=pruning,
+        fidelity=fidelity,
+        fidelity_on_random=on_random,
         latency=latency,
         wall_seconds=convert_seconds,
         peak_rss_mb=convert_rss,
         warnings=warnings,
     )
+
+
+_RECALIBRATION_SAMPLES = 256
+
+
+def _should_recalibrate(options: ShrinkOptions, model: onnx.ModelProto, on_random: bool) -> bool:
+    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if options.recalibrate_bn is not None:
+        return options.recalibrate_bn and has_bn
+    return has_bn and not on_random
+
+
+def end_to_end_fidelity(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset: Dataset) -> Fidelity:
+    """Fidelity of ``compressed`` against ``original`` on the held-back samples."""
+    split = split_samples(len(dataset), len(dataset))
+    reference, candidate = make_session(original, threads=None), make_session(compressed, threads=None)
+    meter = FidelityMeter()
+    for sample in iter_range(dataset, split.evaluation):
+        meter.update(reference.run(None, sample.feeds), candidate.run(None, sample.feeds), sample.label)
+    return meter.result()
 
 
 def _stamp_metadata(model: onnx.ModelProto, steps: list[str]) -> None:

@@ -154,3 +154,52 @@ def test_console_script_runs(tmp_path):
         pytest.skip("console script not installed in this environment")
     proc = subprocess.run([str(exe), "inspect", str(SAMPLES / "plain_cnn.onnx")], capture_output=True, text=True, timeout=60, env={**os.environ})
     assert proc.returncode == 0 and "Parameters" in proc.stdout
+
+
+def test_shrink_prunes_channels_then_quantizes(tmp_path, capsys):
+    out = tmp_path / "pruned.int8.onnx"
+    code, stdout, err = run_main(
+        ["shrink", str(SAMPLES / "resnet_mini.onnx"), "-o", str(out), "--calib", str(SAMPLES / "digits_calib.npz"),
+         "--prune-channels", "0.5", "--no-timing", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["steps"][0] == "prune.channels" and doc["steps"][-1] == "quantize.int8"
+    assert doc["macs"]["after"] < 0.5 * doc["macs"]["before"]
+    assert doc["parameters"]["after"] < 0.5 * doc["parameters"]["before"]
+    assert doc["pruning"][0]["groups"] and doc["fidelity"]["samples"] == 100
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_magnitude_zeros_survive_int8(tmp_path, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "sparse.int8.onnx"
+    code, _, err = run_main(
+        ["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", str(out), "--calib", str(SAMPLES / "digits_calib.npz"),
+         "--prune-magnitude", "0.5", "--no-timing"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "no speed-up" in err
+    model = onnx.load(str(out))
+    int8_weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+    zeros = sum(int((w == 0).sum()) for w in int8_weights)
+    total = sum(w.size for w in int8_weights)
+    assert zeros / total > 0.4, zeros / total
+
+
+def test_prune_only_without_data_reports_random_fidelity(tmp_path, capsys):
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = run_main(
+        ["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", str(out), "--quantize", "none", "--prune-channels", "0.25", "--no-timing", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["fidelity_on_random_inputs"] is True and doc["int8"] is None
+    assert "random inputs" in err

@@ -43,6 +43,7 @@ def test_sample_models_keep_accuracy(quantized_samples, name):
     assert fp32 - int8 <= 0.005, f"{name}: fp32 {fp32:.4f} int8 {int8:.4f}"
     assert result.target_met
     assert result.fidelity.sqnr_db > 20
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 @pytest.mark.parametrize("name", SAMPLE_MODELS)

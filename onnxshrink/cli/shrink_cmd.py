@@ -9,6 +9,7 @@ import click
 from onnxshrink.cli._options import MODEL_PATH, echo_json, json_option, shape_option
 from onnxshrink.data import DataOptions, ImagePreprocess
 from onnxshrink.errors import ConfigError, GateFailed
+from onnxshrink.prune import ChannelPruneConfig, MagnitudePruneConfig
 from onnxshrink.quantize import Int8Config
 from onnxshrink.quantize.config import METHODS
 from onnxshrink.report import format_pairs, format_table, human_bytes, human_count, section
@@ -65,13 +66,32 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel multiplier applied first.")
 @click.option("--color", type=click.Choice(["RGB", "BGR", "L"]), default="RGB", show_default=True, help="Image folders: channel order.")
 @shape_option
+@click.option("--prune-channels", type=click.FloatRange(0, 1, max_open=True), metavar="RATIO",
+              help="Structured pruning: remove this fraction of the prunable channels of each group (really faster).")
+@click.option("--prune-macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="FRACTION",
+              help="Structured pruning to remove this fraction of the MACs (instead of --prune-channels).")
+@click.option("--prune-importance", type=click.Choice(["l1", "l2", "bn_gamma"]), default="l1", show_default=True,
+              help="Channel importance for structured pruning.")
+@click.option("--prune-round-to", type=click.IntRange(1), default=1, show_default=True, help="Keep channel counts a multiple of this.")
+@click.option("--prune-magnitude", type=click.FloatRange(0, 1, max_open=True), metavar="SPARSITY",
+              help="Unstructured pruning: zero this fraction of the weights (smaller gzip, no speed-up).")
+@click.option("--prune-threshold", type=click.FloatRange(0, min_open=True), metavar="EPS", help="Unstructured pruning: zero weights with |w| < EPS.")
+@click.option("--prune-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="Magnitude pruning: rank weights across layers (global) or within each layer.")
+@click.option("--prune-first-last", is_flag=True, help="Magnitude pruning: also prune the first and last weighted layers.")
+@click.option("--prune-exclude", multiple=True, metavar="PATTERN", help="Never prune matching nodes/weights (fnmatch or re:REGEX). Repeatable.")
+@click.option("--recalibrate-bn/--no-recalibrate-bn", default=None,
+              help="After pruning, re-measure BatchNorm statistics on the --calib data (default: when both exist).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random calibration data.")
 @json_option
 def shrink_command(model: str, output: str, quantize: str, calibration: str | None, method: str, max_drop: float | None,
                    min_sqnr: float | None, exclude: tuple[str, ...], per_tensor: bool, activation_type: str,
                    reduce_range: bool | None, no_fusion_aware: bool, calib_count: int, provider: str, threads: int,
                    no_timing: bool, image_size: str | None, layout: str, mean: str | None, std: str | None,
-                   scale: float, color: str, shapes: tuple[str, ...], seed: int, as_json: bool) -> None:  # fmt: skip
+                   scale: float, color: str, shapes: tuple[str, ...], prune_channels: float | None,
+                   prune_macs: float | None, prune_importance: str, prune_round_to: int, prune_magnitude: float | None,
+                   prune_threshold: float | None, prune_scope: str, prune_first_last: bool,
+                   prune_exclude: tuple[str, ...], recalibrate_bn: bool | None, seed: int, as_json: bool) -> None:  # fmt: skip
     """Compress MODEL into OUTPUT and report size, speed and fidelity against the original.
 
     \b
@@ -81,8 +101,13 @@ def shrink_command(model: str, output: str, quantize: str, calibration: str | No
     sensitive nodes are kept in fp32 too. The report names every fp32 node and why.
 
     \b
+    Pruning (before quantization): --prune-channels removes whole channels (smaller and
+    faster in any runtime); --prune-magnitude zeroes small weights (compresses, no speed).
+
+    \b
     Examples:
       onnxshrink shrink model.onnx -o model.int8.onnx --calib calib.npz
+      onnxshrink shrink model.onnx -o small.onnx --calib calib.npz --prune-channels 0.5
       onnxshrink shrink model.onnx -o out.onnx --calib images/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
       onnxshrink shrink model.onnx -o out.onnx --calib calib.npz --max-drop 0.5 --json
 
@@ -110,9 +135,28 @@ def shrink_command(model: str, output: str, quantize: str, calibration: str | No
         scale=scale,
         mode=color,
     )
+    if prune_channels is not None and prune_macs is not None:
+        raise ConfigError("give either --prune-channels or --prune-macs, not both")
+    if prune_magnitude is not None and prune_threshold is not None:
+        raise ConfigError("give either --prune-magnitude or --prune-threshold, not both")
+    channels = None
+    if prune_channels is not None or prune_macs is not None:
+        channels = ChannelPruneConfig(
+            ratio=prune_channels, target_mac_reduction=prune_macs, importance=prune_importance,
+            exclude=prune_exclude, round_to=prune_round_to,
+        )
+    magnitude = None
+    if prune_magnitude is not None or prune_threshold is not None:
+        magnitude = MagnitudePruneConfig(
+            sparsity=prune_magnitude, threshold=prune_threshold, scope=prune_scope,
+            exclude=prune_exclude, include_first_last=prune_first_last,
+        )
     options = ShrinkOptions(
         quantize=None if quantize == "none" else quantize,
         int8=int8,
+        channels=channels,
+        magnitude=magnitude,
+        recalibrate_bn=recalibrate_bn,
         calibration=calibration,
         data_options=DataOptions(preprocess=preprocess, seed=seed, shapes=parse_shape_overrides(shapes)),
         measure_latency=not no_timing,
@@ -145,6 +189,16 @@ def render(o: ShrinkOutcome) -> str:
         lat = o.latency
         rows.append((f"latency p50 ({lat.provider}, {lat.threads} thr)", f"{lat.baseline_p50_ms:.3f} ms", f"{lat.candidate_p50_ms:.3f} ms", f"{lat.ratio:.2f}x ({1 / lat.ratio:.2f}x faster)" if lat.ratio < 1 else f"{lat.ratio:.2f}x SLOWER"))
     lines = [f"{o.input_path} -> {o.output_path}   [{', '.join(o.steps)}]", section("Before / after"), format_table(rows, ["", "original", "compressed", "ratio"], align="lrrr")]
+    if o.fidelity is not None:
+        f = o.fidelity
+        rows2 = [("samples", f"{f.samples}" + (" RANDOM inputs (no accuracy meaning)" if o.fidelity_on_random else " held back")),
+                 ("top-1 agreement", _pct(f.top1_agreement))]
+        if f.accuracy_reference is not None:
+            rows2.append(("accuracy original -> compressed", f"{_pct(f.accuracy_reference)} -> {_pct(f.accuracy_candidate)}"))
+        rows2 += [("output SQNR", f"{f.sqnr_db:.1f} dB"), ("cosine", f"{f.cosine:.5f}")]
+        lines += [section("End-to-end fidelity vs the original"), format_pairs(rows2)]
+    for report in o.pruning:
+        lines += [section("Pruning"), report.render()]
     if o.int8:
         r = o.int8
         f = r.fidelity
@@ -162,7 +216,7 @@ def render(o: ShrinkOutcome) -> str:
             ("cosine", f"{f.cosine:.5f}"),
             ("target", f"{target_text}: {'met' if r.target_met else 'NOT MET'}"),
         ]
-        lines += [section("int8 fidelity vs fp32"), format_pairs(fid_rows)]
+        lines += [section("int8 fidelity vs its fp32 input" if o.pruning else "int8 fidelity vs fp32"), format_pairs(fid_rows)]
         q_rows = [
             ("calibration", f"{r.config.method}, {r.calibration_samples} samples"),
             ("weights / activations", f"int8 {'per-channel' if r.config.per_channel else 'per-tensor'}{' (7-bit)' if r.reduce_range else ''} / {r.config.activation_type}"),

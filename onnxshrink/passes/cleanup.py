@@ -68,3 +68,46 @@ def cleanup(model: onnx.ModelProto) -> dict[str, int]:
         "dead_nodes": remove_dead_nodes(model.graph),
         "unused_initializers": remove_unused_initializers(model.graph),
     }
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Order nodes so that every input is produced before it is read (stable, in place).
+
+    Raises:
+        ValueError: if the graph has a cycle or reads a tensor nothing produces.
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    available |= {t.values.name for t in graph.sparse_initializer}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for node in pending:
+            needs = set(node.input) | _subgraph_inputs(node) - _subgraph_locals(node)
+            if needs <= available:
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            missing = sorted(set().union(*(set(n.input) for n in rest)) - available)[:3]
+            raise ValueError(f"graph has a cycle or undefined inputs: {missing}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _subgraph_locals(node: onnx.NodeProto) -> set[str]:
+    """Names defined inside a node's subgraphs (their own inputs, initializers and outputs)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for sub in iter_graphs(g):
+                names.update(i.name for i in sub.input)
+                names.update(t.name for t in sub.initializer)
+                for n in sub.node:
+                    names.update(n.output)
+    return names

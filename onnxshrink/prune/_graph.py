@@ -24,6 +24,17 @@ NON_PARAM_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, Tenso
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
+def require_weights(model: onnx.ModelProto) -> None:
+    """Refuse a model whose weights were not loaded (``load_model(load_weights=False)``)."""
+    from onnxshrink.errors import UnsupportedModelError
+    from onnxshrink.modelio import has_external_data
+
+    if has_external_data(model):
+        raise UnsupportedModelError(
+            "the model's weights are still in external data; load them first (load_model(path) with load_weights=True)"
+        )
+
+
 def node_key(node: onnx.NodeProto, index: int) -> str:
     """The name :func:`onnxshrink.stats.count_macs` reports a node under."""
     return node.name or f"{node.op_type}_{index}"
@@ -38,32 +49,6 @@ def count_parameters(model: onnx.ModelProto) -> int:
     from onnxshrink.modelio import iter_tensors
 
     return sum(math.prod(t.dims) for t, _ in iter_tensors(model) if t.data_type not in NON_PARAM_TYPES)
-
-
-def weightless(model: onnx.ModelProto, *, max_inline: int = 4096) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference and MAC counting, without the weight bytes.
-
-    Initializers with more than ``max_inline`` elements (learned weights, never shape
-    constants) become typed graph inputs of the same shape, so copying and inferring a
-    model of hundreds of MB takes milliseconds; node order and names are unchanged.
-    """
-    skeleton = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(skeleton, name, getattr(model, name))
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph, source = skeleton.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    for t in source.initializer:
-        if t.data_type in NON_PARAM_TYPES or math.prod(t.dims) <= max_inline:
-            graph.initializer.append(t)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return skeleton
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -112,7 +97,7 @@ class GraphIndex:
         self.shapes: dict[str, Shape] = {}
         if with_shapes:
             fixed, _ = concrete_input_shapes(model, input_shapes or {})
-            self.shapes = infer_shapes(with_input_shapes(weightless(model), fixed))
+            self.shapes = infer_shapes(with_input_shapes(model, fixed))
 
     # ------------------------------------------------------------------ constants
 
@@ -208,7 +193,8 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     """The tensor a ``Constant`` node holds, for the forms weights come in."""
     for a in node.attribute:
         if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-            return a.t
+            tensor: TensorProto = a.t
+            return tensor
         if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
             value = onnx.helper.get_attribute_value(a)
             dtype = np.float32 if "float" in a.name else np.int64

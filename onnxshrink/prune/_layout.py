@@ -274,7 +274,9 @@ class MacTerm:
 class Selection:
     """Which units each class keeps; classes not listed keep everything."""
 
-    def __init__(self, classes: Classes, spaces: Sequence[Space], kept_units: Mapping[int, Sequence[int]]) -> None:
+    def __init__(
+        self, classes: Classes, spaces: Sequence[Space], kept_units: Mapping[int, Sequence[int]]
+    ) -> None:
         self.classes = classes
         self.spaces = spaces
         self.kept_units = {root: tuple(sorted(units)) for root, units in kept_units.items()}

@@ -6,13 +6,15 @@ node's outputs, records edits, and blocks whatever it cannot handle exactly. An 
 a rule blocks every space that reaches it; outputs of a blocked op carry no channel info,
 which is safe because their inputs are then never pruned.
 
+Shape-moving ops (Flatten, Reshape, Transpose, Squeeze/Unsqueeze, Concat, Split, Slice,
+Shape) are in :mod:`onnxshrink.prune._rules_shape`, which adds to the same table.
+
 The rules follow the ONNX operator specs (opsets 11 to 23); where an op's behaviour depends
 on the opset (Softmax's axis, attributes that became inputs) both forms are read.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -29,12 +31,7 @@ from onnxshrink.prune._layout import (
     Seg,
     SetGroups,
     ShapeEntry,
-    SliceBounds,
-    SplitSizes,
-    divide_inner,
     layout_length,
-    layout_range,
-    scale_inner,
 )
 
 if TYPE_CHECKING:
@@ -56,19 +53,23 @@ def rule(*ops: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def _first_only(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> ChannelInfo | None:
+def first_only(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> ChannelInfo | None:
     """Input 0's channel info; channels on any other input block everything."""
     if any(x is not None for x in ins[1:]):
-        a.block_inputs(ins, "unsupported-op", f"{node.op_type} '{a.name(i)}' takes channels on an unexpected input")
+        a.block_inputs(
+            ins, "unsupported-op", f"{node.op_type} '{a.name(i)}' takes channels on an unexpected input"
+        )
         return None
     return ins[0] if ins else None
 
 
-def _used(a: Analyzer, name: str) -> bool:
+def used(a: Analyzer, name: str) -> bool:
     return bool(name) and (bool(a.ix.consumers.get(name)) or name in a.ix.graph_outputs)
 
 
-def _int_list(a: Analyzer, node: onnx.NodeProto, attr_name: str, input_index: int) -> tuple[bool, list[int] | None]:
+def int_list(
+    a: Analyzer, node: onnx.NodeProto, attr_name: str, input_index: int
+) -> tuple[bool, list[int] | None]:
     """An ints attribute, or the same values given as a constant input (newer opsets).
 
     Returns (ok, values): ok is False when the input is given but not constant.
@@ -77,12 +78,12 @@ def _int_list(a: Analyzer, node: onnx.NodeProto, attr_name: str, input_index: in
     if value is not None:
         return True, [int(v) for v in value]
     if len(node.input) > input_index and node.input[input_index]:
-        values = _const_ints(a, node.input[input_index])
+        values = const_ints(a, node.input[input_index])
         return values is not None, values
     return True, None
 
 
-def _const_ints(a: Analyzer, name: str) -> list[int] | None:
+def const_ints(a: Analyzer, name: str) -> list[int] | None:
     value = a.ix.const(name)
     return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
@@ -91,7 +92,9 @@ def _full(a: Analyzer, seg: Seg) -> bool:
     return seg.space is not None and seg.start == 0 and seg.stop == a.spaces[seg.space].size
 
 
-def _blocked_output(a: Analyzer, i: int, node: onnx.NodeProto, axis: int, rank: int, kind: str, detail: str) -> None:
+def _blocked_output(
+    a: Analyzer, i: int, node: onnx.NodeProto, axis: int, rank: int, kind: str, detail: str
+) -> None:
     """Give a producer we cannot prune a blocked space, so the report lists it."""
     size = a.dim(node.output[0], axis)
     if size:
@@ -112,7 +115,9 @@ def _conv(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     if any(ins[1:]) or w is None or w.ndim < 3:
         why = f"weight of Conv '{name}' is not a constant initializer"
         a.block_inputs(ins, "non-constant-weight", why)
-        _blocked_output(a, i, node, 1, x.rank if x else (w.ndim if w is not None else 4), "non-constant-weight", why)
+        _blocked_output(
+            a, i, node, 1, x.rank if x else (w.ndim if w is not None else 4), "non-constant-weight", why
+        )
         return
     group = int(attr(node, "group", 1))
     cout, cin_g = int(w.shape[0]), int(w.shape[1])
@@ -129,7 +134,9 @@ def _conv(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
         inputs: Layout | None = None
         if x is not None:
             if x.axis != 1 or x.rank != w.ndim:
-                a.block_layout(x.layout, "unsupported-op", f"Conv '{name}' receives channels on axis {x.axis}")
+                a.block_layout(
+                    x.layout, "unsupported-op", f"Conv '{name}' receives channels on axis {x.axis}"
+                )
             else:
                 a.slice_const(i, 1, 1, x.layout, "consumer-weight")
                 inputs = x.layout
@@ -137,7 +144,15 @@ def _conv(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
         return
     a.mac_terms.append(MacTerm(i, None, out))
     seg = x.layout[0] if x is not None and len(x.layout) == 1 else None
-    if x is None or seg is None or x.axis != 1 or seg.inner != 1 or not _full(a, seg) or seg.channels != group * cin_g or cout % group:
+    if (
+        x is None
+        or seg is None
+        or x.axis != 1
+        or seg.inner != 1
+        or not _full(a, seg)
+        or seg.channels != group * cin_g
+        or cout % group
+    ):
         why = f"grouped Conv '{name}' (groups={group}) cannot keep its group structure"
         if x is None:
             why += ": its input channels cannot be pruned"
@@ -180,7 +195,9 @@ def _conv_transpose(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> No
     inputs: Layout | None = None
     if x is not None:
         if x.axis != 1 or x.rank != w.ndim:
-            a.block_layout(x.layout, "unsupported-op", f"ConvTranspose '{name}' receives channels on axis {x.axis}")
+            a.block_layout(
+                x.layout, "unsupported-op", f"ConvTranspose '{name}' receives channels on axis {x.axis}"
+            )
         else:
             a.slice_const(i, 1, 0, x.layout, "consumer-weight")
             inputs = x.layout
@@ -211,6 +228,8 @@ def _gemm(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
             a.block_space(sid, "non-constant-weight", f"bias of Gemm '{name}' is not constant")
         elif c.ndim >= 1 and c.shape[-1] == n_out and n_out > 1:
             a.slice_const(i, 2, c.ndim - 1, out, "producer-bias")
+        elif c.ndim >= 1 and c.shape[-1] != 1:
+            a.block_space(sid, "unsupported-op", f"bias of Gemm '{name}' does not broadcast over its outputs")
     inputs: Layout | None = None
     if x is not None:
         if x.rank != 2 or x.axis != (0 if trans_a else 1):
@@ -241,7 +260,9 @@ def _matmul(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     inputs: Layout | None = None
     if x is not None:
         if x.axis != x.rank - 1:
-            a.block_layout(x.layout, "unsupported-op", f"MatMul '{name}' receives channels on a non-reduced axis")
+            a.block_layout(
+                x.layout, "unsupported-op", f"MatMul '{name}' receives channels on a non-reduced axis"
+            )
         else:
             a.slice_const(i, 1, 0, x.layout, "consumer-weight")
             inputs = x.layout
@@ -253,7 +274,7 @@ def _matmul(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
 
 @rule("BatchNormalization", "InstanceNormalization")
 def _norm(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is None:
         return
     name = a.name(i)
@@ -261,10 +282,14 @@ def _norm(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     length = layout_length(x.layout)
     params = [a.ix.const(n) for n in node.input[1 : 1 + count]]
     if x.axis != 1:
-        a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{name}' normalizes axis 1, channels are on {x.axis}")
+        a.block_layout(
+            x.layout, "unsupported-op", f"{node.op_type} '{name}' normalizes axis 1, channels are on {x.axis}"
+        )
         return
     if len(params) != count or any(p is None or p.shape != (length,) for p in params):
-        a.block_layout(x.layout, "non-constant-weight", f"parameters of {node.op_type} '{name}' are not constant")
+        a.block_layout(
+            x.layout, "non-constant-weight", f"parameters of {node.op_type} '{name}' are not constant"
+        )
     else:
         for j, role in enumerate(("norm-scale", "norm-bias", "norm-mean", "norm-var")[:count], start=1):
             a.slice_const(i, j, 0, x.layout, role)
@@ -273,7 +298,7 @@ def _norm(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
             if seg.space is not None and seg.inner == 1 and _full(a, seg):
                 a.gammas.append(GammaSource(seg.space, i, 1, offset))
             offset += seg.length
-    if any(_used(a, out) for out in node.output[1:]):
+    if any(used(a, out) for out in node.output[1:]):
         a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{name}' uses its training outputs")
     a.set_info(node.output[0], x)
 
@@ -290,7 +315,7 @@ UNARY = (
 def _unary(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     if node.op_type == "CastLike":  # the second input only gives the type
         ins = ins[:1]
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is not None:
         for out in node.output:  # Dropout's mask has the input's shape
             a.set_info(out, x)
@@ -319,8 +344,8 @@ def _elementwise(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
         return
     axis = axes.pop()
     layout = infos[0].layout
-    for x in infos[1:]:
-        a.unify(layout, x.layout, i)
+    for other in infos[1:]:
+        a.unify(layout, other.layout, i)
     length = layout_length(layout)
     for j, (x, n) in enumerate(zip(ins, node.input)):
         rank = ranks[j]
@@ -336,27 +361,33 @@ def _elementwise(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
             a.slice_const(i, j, k, layout, f"operand:{node.op_type}")
             continue
         a.block_layout(
-            layout, "mismatch", f"{node.op_type} '{name}' combines the channels with '{n}', which cannot be pruned"
+            layout,
+            "mismatch",
+            f"{node.op_type} '{name}' combines the channels with '{n}', which cannot be pruned",
         )
     a.set_info(node.output[0], ChannelInfo(axis, out_rank, layout))
 
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def _pool(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is None:
         return
     if x.axis != 1:
-        a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{a.name(i)}' pools over the channel axis {x.axis}")
+        a.block_layout(
+            x.layout, "unsupported-op", f"{node.op_type} '{a.name(i)}' pools over the channel axis {x.axis}"
+        )
         return
-    if len(node.output) > 1 and _used(a, node.output[1]):
-        a.block_layout(x.layout, "unsupported-op", f"MaxPool '{a.name(i)}' indices depend on the channel count")
+    if len(node.output) > 1 and used(a, node.output[1]):
+        a.block_layout(
+            x.layout, "unsupported-op", f"MaxPool '{a.name(i)}' indices depend on the channel count"
+        )
     a.set_info(node.output[0], x)
 
 
 @rule("Resize", "Upsample")
 def _resize(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is None:
         return
     name = a.name(i)
@@ -372,7 +403,11 @@ def _resize(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     if node.op_type == "Upsample":
         scales_name, sizes_name = (node.input[1] if len(node.input) > 1 else ""), ""
     else:
-        scales_name = node.input[2] if len(node.input) > 2 and a.ix.opset >= 11 else (node.input[1] if len(node.input) > 1 else "")
+        scales_name = (
+            node.input[2]
+            if len(node.input) > 2 and a.ix.opset >= 11
+            else (node.input[1] if len(node.input) > 1 else "")
+        )
         sizes_name = node.input[3] if len(node.input) > 3 else ""
     sizes = a.ix.const(sizes_name) if sizes_name else None
     scales = a.ix.const(scales_name) if scales_name else None
@@ -393,11 +428,11 @@ def _resize(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
 
 @rule("Pad")
 def _pad(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is None:
         return
-    ok, pads = _int_list(a, node, "pads", 1)
-    axes = _const_ints(a, node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(x.rank))
+    ok, pads = int_list(a, node, "pads", 1)
+    axes = const_ints(a, node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(x.rank))
     if not ok or axes is None or pads is None:
         a.block_layout(x.layout, "unsupported-op", f"Pad '{a.name(i)}' has computed pads")
         return
@@ -418,10 +453,10 @@ REDUCE = (
 
 @rule(*REDUCE)
 def _reduce(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
+    x = first_only(a, i, node, ins)
     if x is None:
         return
-    ok, axes = _int_list(a, node, "axes", 1)
+    ok, axes = int_list(a, node, "axes", 1)
     name = a.name(i)
     if not ok:
         a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{name}' has computed axes")
@@ -430,7 +465,9 @@ def _reduce(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
         if int(attr(node, "noop_with_empty_axes", 0)):
             a.set_info(node.output[0], x)
         else:
-            a.block_layout(x.layout, "reduce", f"{node.op_type} '{name}' reduces over every axis, channels included")
+            a.block_layout(
+                x.layout, "reduce", f"{node.op_type} '{name}' reduces over every axis, channels included"
+            )
         return
     normal = {v % x.rank for v in axes}
     if x.axis in normal:
@@ -441,275 +478,3 @@ def _reduce(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
     else:
         shift = sum(1 for v in normal if v < x.axis)
         a.set_info(node.output[0], ChannelInfo(x.axis - shift, x.rank - len(normal), x.layout))
-
-
-# --------------------------------------------------------------------------- shape ops
-
-
-def regroup(dims_in: Sequence[int], dims_out: Sequence[int], axis: int, layout: Layout) -> tuple[int, Layout] | None:
-    """Where a row-major reshape from ``dims_in`` to ``dims_out`` puts channel axis ``axis``.
-
-    The channels survive a reshape when the dims before them keep their product and each
-    channel stays one contiguous block: trailing dims merged into the channel axis make each
-    channel ``k`` positions wide, and splitting an axis whose channels are each ``k`` wide
-    (a Flatten undone) is the inverse. Anything else (a channel shuffle) returns None.
-    """
-    length = layout_length(layout)
-    if dims_in[axis] != length:
-        return None
-    before, after = math.prod(dims_in[:axis]), math.prod(dims_in[axis + 1 :])
-    for o in range(len(dims_out)):
-        if axis >= 1 and o == 0:
-            continue  # the batch axis stays in front
-        if math.prod(dims_out[:o]) != before or dims_out[o] * math.prod(dims_out[o + 1 :]) != length * after:
-            continue
-        if dims_out[o] % length == 0:
-            return o, scale_inner(layout, dims_out[o] // length)
-        if length % dims_out[o] == 0:
-            divided = divide_inner(layout, length // dims_out[o])
-            if divided is not None:
-                return o, divided
-    return None
-
-
-@rule("Flatten")
-def _flatten(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    dims = a.ix.shape(node.input[0])
-    if dims is None:
-        a.block_layout(x.layout, "reshape", f"Flatten '{a.name(i)}' has an input of unknown shape")
-        return
-    split = int(attr(node, "axis", 1)) % (len(dims) + 1) if dims else 0
-    out = [math.prod(dims[:split]), math.prod(dims[split:])]
-    mapped = regroup(dims, out, x.axis, x.layout)
-    if mapped is None:
-        a.block_layout(x.layout, "reshape", f"Flatten '{a.name(i)}' mixes the channel axis with others")
-        return
-    a.set_info(node.output[0], ChannelInfo(mapped[0], 2, mapped[1]))
-
-
-@rule("Reshape")
-def _reshape(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    name = a.name(i)
-    target = a.ix.const(node.input[1])
-    dims_in, dims_out = a.ix.shape(node.input[0]), a.ix.shape(node.output[0])
-    if target is None or dims_in is None or dims_out is None:
-        a.block_layout(x.layout, "reshape", f"Reshape '{name}' has a computed or unknown target shape")
-        return
-    mapped = regroup(dims_in, dims_out, x.axis, x.layout)
-    if mapped is None:
-        a.block_layout(x.layout, "reshape", f"Reshape '{name}' splits or mixes the channel axis (channel shuffle?)")
-        return
-    o, layout = mapped
-    spec = [int(v) for v in target.reshape(-1)]
-    allow_zero = int(attr(node, "allowzero", 0))
-    copies_channels = any(v == 0 and j == x.axis and j != o for j, v in enumerate(spec))
-    keeps_axis = o == x.axis and layout == x.layout
-    if (allow_zero and 0 in spec) or copies_channels or (spec[o] == 0 and not keeps_axis):
-        a.block_layout(x.layout, "reshape", f"Reshape '{name}' copies the channel count with a 0 entry")
-        return
-    if spec[o] > 0:
-        a.edit(ShapeEntry(i, 1, o, layout))
-    a.set_info(node.output[0], ChannelInfo(o, len(dims_out), layout))
-
-
-@rule("Transpose")
-def _transpose(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    perm = attr(node, "perm")
-    perm = list(range(x.rank))[::-1] if perm is None else [int(p) for p in perm]
-    a.set_info(node.output[0], ChannelInfo(perm.index(x.axis), x.rank, x.layout))
-
-
-@rule("Squeeze", "Unsqueeze")
-def _squeeze(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    ok, axes = _int_list(a, node, "axes", 1)
-    name = a.name(i)
-    if node.op_type == "Squeeze" and ok and axes is None:
-        dims = a.ix.shape(node.input[0])
-        axes = [k for k, d in enumerate(dims) if d == 1] if dims is not None else None
-    if not ok or axes is None:
-        a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{name}' has unknown axes")
-        return
-    if node.op_type == "Squeeze":
-        normal = {v % x.rank for v in axes}
-        if x.axis in normal:
-            a.block_layout(x.layout, "unsupported-op", f"Squeeze '{name}' removes the channel axis")
-            return
-        shift = sum(1 for v in normal if v < x.axis)
-        a.set_info(node.output[0], ChannelInfo(x.axis - shift, x.rank - len(normal), x.layout))
-        return
-    rank = x.rank + len(axes)
-    inserted = {v % rank for v in axes}
-    kept = [p for p in range(rank) if p not in inserted]
-    a.set_info(node.output[0], ChannelInfo(kept[x.axis], rank, x.layout))
-
-
-@rule("Concat")
-def _concat(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    infos = [x for x in ins if x is not None]
-    name = a.name(i)
-    rank = infos[0].rank
-    axis = int(attr(node, "axis", 0)) % rank
-    if any(x.rank != rank for x in infos):
-        a.block_inputs(ins, "mismatch", f"Concat '{name}' joins tensors of different ranks")
-        return
-    if all(x.axis == axis for x in infos):
-        segs: list[Seg] = []
-        for x, n in zip(ins, node.input):
-            if x is not None:
-                segs += x.layout
-                continue
-            size = a.dim(n, axis)
-            if size is None:
-                a.block_inputs(ins, "unsupported-op", f"Concat '{name}' joins '{n}' of unknown size")
-                return
-            if size:
-                segs.append(Seg(None, 0, size))
-        a.set_info(node.output[0], ChannelInfo(axis, rank, tuple(segs)))
-        return
-    channel_axis = infos[0].axis
-    if any(x.axis != channel_axis for x in infos) or channel_axis == axis:
-        a.block_inputs(ins, "mismatch", f"Concat '{name}' joins channels on different axes")
-        return
-    layout = infos[0].layout
-    for x in infos[1:]:
-        a.unify(layout, x.layout, i)
-    length = layout_length(layout)
-    for j, (x, n) in enumerate(zip(ins, node.input)):
-        if x is None:
-            if a.dim(n, channel_axis) == length and a.ix.const(n) is not None:
-                a.slice_const(i, j, channel_axis, layout, "operand:Concat")
-            else:
-                a.block_layout(layout, "mismatch", f"Concat '{name}' joins the channels with '{n}', which cannot be pruned")
-    a.set_info(node.output[0], ChannelInfo(channel_axis, rank, layout))
-
-
-@rule("Split")
-def _split(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    name = a.name(i)
-    axis = int(attr(node, "axis", 0)) % x.rank
-    if axis != x.axis:
-        for out in node.output:
-            a.set_info(out, x)
-        return
-    length = layout_length(x.layout)
-    ok, sizes = _int_list(a, node, "split", 1)
-    if not ok:
-        a.block_layout(x.layout, "unsupported-op", f"Split '{name}' has computed sizes")
-        return
-    if sizes is None:
-        parts = int(attr(node, "num_outputs", len(node.output)))
-        step = -(-length // parts)
-        sizes = [step] * (parts - 1) + [length - step * (parts - 1)]
-    layouts: list[Layout] = []
-    pos = 0
-    for size in sizes:
-        piece = layout_range(x.layout, pos, pos + size)
-        if piece is None:
-            a.block_layout(x.layout, "unsupported-op", f"Split '{name}' cuts a flattened channel apart")
-            return
-        layouts.append(piece)
-        pos += size
-    if pos != length or len(layouts) != len(node.output):
-        a.block_layout(x.layout, "unsupported-op", f"Split '{name}' sizes do not match its input")
-        return
-    a.edit(SplitSizes(i, tuple(layouts)))
-    for out, piece in zip(node.output, layouts):
-        a.set_info(out, ChannelInfo(axis, x.rank, piece))
-
-
-@rule("Slice")
-def _slice(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    name = a.name(i)
-    consts = [a.ix.const(n) if n else None for n in list(node.input[1:5]) + [""] * (4 - len(node.input[1:5]))]
-    starts, ends, axes_c, steps_c = consts
-    given_axes = len(node.input) > 3 and bool(node.input[3])
-    given_steps = len(node.input) > 4 and bool(node.input[4])
-    if a.ix.opset < 10 or starts is None or ends is None or (given_axes and axes_c is None) or (given_steps and steps_c is None):
-        a.block_layout(x.layout, "unsupported-op", f"Slice '{name}' has computed bounds")
-        return
-    count = len(starts.reshape(-1))
-    axes = [int(v) % x.rank for v in axes_c.reshape(-1)] if axes_c is not None else list(range(count))
-    if x.axis not in axes:
-        a.set_info(node.output[0], x)
-        return
-    k = axes.index(x.axis)
-    step = int(steps_c.reshape(-1)[k]) if steps_c is not None else 1
-    length = layout_length(x.layout)
-    begin, end = (int(v.reshape(-1)[k]) for v in (starts, ends))
-    begin, end = (min(max(v + length if v < 0 else v, 0), length) for v in (begin, end))
-    out = layout_range(x.layout, begin, end) if step == 1 and begin < end else None
-    prefix = layout_range(x.layout, 0, begin)
-    if out is None or prefix is None:
-        a.block_layout(x.layout, "unsupported-op", f"Slice '{name}' takes channels with a step or cuts one apart")
-        return
-    a.edit(SliceBounds(i, k, prefix, out))
-    a.set_info(node.output[0], ChannelInfo(x.axis, x.rank, out))
-
-
-@rule("Shape")
-def _shape(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    """Reading the shape is harmless unless someone uses the channel count."""
-    x = ins[0]
-    if x is None:
-        return
-    start, end = int(attr(node, "start", 0)), int(attr(node, "end", x.rank))
-    start, end = (min(max(v + x.rank if v < 0 else v, 0), x.rank) for v in (start, end))
-    if not start <= x.axis < end:
-        return
-    position = x.axis - start
-    why = f"the channel count of '{node.input[0]}' is read at run time by Shape '{a.name(i)}'"
-    if node.output[0] in a.ix.graph_outputs:
-        a.block_layout(x.layout, "shape-read", why)
-        return
-    for k, j in a.ix.consumers.get(node.output[0], []):
-        user = a.ix.nodes[k]
-        indices = a.ix.const(user.input[1]) if user.op_type == "Gather" and j == 0 else None
-        if indices is not None and int(attr(user, "axis", 0)) == 0:
-            width = end - start
-            if position not in {int(v) % width for v in indices.reshape(-1)}:
-                continue
-        a.block_layout(x.layout, "shape-read", why)
-        return
-
-
-@rule("LayerNormalization")
-def _layer_norm(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    axis = int(attr(node, "axis", -1)) % x.rank
-    if x.axis >= axis or any(_used(a, out) for out in node.output[1:]):
-        a.block_layout(x.layout, "layernorm", f"LayerNormalization '{a.name(i)}' normalizes over the channel axis")
-        return
-    a.set_info(node.output[0], x)
-
-
-@rule("Softmax", "LogSoftmax", "Hardmax")
-def _softmax(a: Analyzer, i: int, node: onnx.NodeProto, ins: Infos) -> None:
-    x = _first_only(a, i, node, ins)
-    if x is None:
-        return
-    new = a.ix.opset >= 13
-    axis = int(attr(node, "axis", -1 if new else 1)) % x.rank
-    if (new and x.axis == axis) or (not new and x.axis >= axis):
-        a.block_layout(x.layout, "unsupported-op", f"{node.op_type} '{a.name(i)}' normalizes over the channel axis")
-        return
-    a.set_info(node.output[0], x)

@@ -29,6 +29,7 @@ from onnxshrink.prune._layout import (
     layout_length,
 )
 from onnxshrink.prune.graph_channels import ChannelGraph
+from onnxshrink.stats import weightless_copy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ def plan_selection(graph: ChannelGraph, selection: Selection) -> Plan:
             if kept is not None:
                 axes = cuts[(edit.node, edit.input)]
                 if edit.axis in axes and not np.array_equal(axes[edit.axis], kept):
-                    raise AssertionError(f"conflicting slices of input {edit.input} of node {ix.key(edit.node)}")
+                    raise AssertionError(
+                        f"conflicting slices of input {edit.input} of node {ix.key(edit.node)}"
+                    )
                 axes[edit.axis] = kept
         elif isinstance(edit, ShapeEntry):
             new = selection.length(edit.layout)
@@ -79,10 +82,10 @@ def plan_selection(graph: ChannelGraph, selection: Selection) -> Plan:
         elif isinstance(edit, SliceBounds):
             begin, length = selection.length(edit.prefix), selection.length(edit.out)
             if (begin, length) != (layout_length(edit.prefix), layout_length(edit.out)):
-                for j, value in ((1, begin), (2, begin + length)):
+                for j, bound in ((1, begin), (2, begin + length)):
                     key = (edit.node, j)
                     array = np.array(plan.values.get(key, _const(ix, key)))
-                    array.reshape(-1)[edit.position] = value
+                    array.reshape(-1)[edit.position] = bound
                     plan.values[key] = array
         elif isinstance(edit, SetGroups):
             root = graph.classes.find(edit.space)
@@ -144,7 +147,10 @@ def apply_plan(model: onnx.ModelProto, graph: ChannelGraph, plan: Plan) -> None:
         if exclusive:
             ix.initializers[source].CopyFrom(numpy_helper.from_array(array, source))
             continue
-        digest = (source, hashlib.sha1(array.tobytes() + str((array.dtype, array.shape)).encode()).hexdigest())
+        digest = (
+            source,
+            hashlib.sha1(array.tobytes() + str((array.dtype, array.shape)).encode()).hexdigest(),
+        )
         if digest not in created:
             created[digest] = names.make(f"{source}_pruned")
             model.graph.initializer.append(numpy_helper.from_array(array, created[digest]))
@@ -177,7 +183,9 @@ def _set_attr(node: onnx.NodeProto, name: str, value: int | list[int]) -> None:
 class _NameMaker:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.used = {t.name for t in model.graph.initializer}
-        self.used |= {v.name for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)}
+        self.used |= {
+            v.name for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+        }
         for node in model.graph.node:
             self.used.update(node.output)
             self.used.update(node.input)
@@ -237,9 +245,7 @@ def _refresh_value_info(model: onnx.ModelProto, resized: set[str]) -> None:
     del graph.value_info[:]
     graph.value_info.extend(kept)
     try:
-        from onnxshrink.prune._graph import weightless
-
-        inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - value_info is optional; the model is valid without it
         log.info("shape inference after pruning failed (%s); value_info left without resized tensors", exc)
         return

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.prune._graph import count_parameters, weightless
+from onnxshrink.prune._graph import count_parameters, require_weights
 from onnxshrink.prune._layout import Seg, Selection, SkipReason, SliceConst, layout_length, layout_spaces
 from onnxshrink.prune._surgery import Plan, apply_plan, plan_selection
 from onnxshrink.prune.config import ChannelPruneConfig, compile_pattern, pattern_matches
@@ -62,10 +62,11 @@ def prune_channels(
     Raises:
         ConfigError: a ``per_layer`` key matches no producing layer.
     """
+    require_weights(model)
     graph = analyze_channels(model, input_shapes=input_shapes)
     _apply_exclude(graph, config.exclude)
     overrides = _overrides(graph, config.per_layer)
-    macs_before = count_macs(weightless(model), input_shapes)
+    macs_before = count_macs(model, input_shapes)
     chooser = _Chooser(graph, config)
     notes: list[str] = []
     target_met: bool | None = None
@@ -73,9 +74,10 @@ def prune_channels(
         ratio = config.ratio
     else:
         assert config.target_mac_reduction is not None
-        ratio, target_met = _search_ratio(graph, chooser, overrides, macs_before, config.target_mac_reduction, notes)
+        ratio, target_met = _search_ratio(
+            graph, chooser, overrides, macs_before, config.target_mac_reduction, notes
+        )
     kept = chooser.choose(ratio, overrides)
-    notes += chooser.notes
     return _finish(
         model, graph, kept, config.to_dict(), macs_before, input_shapes,
         ratio=ratio, target_met=target_met, notes=notes,
@@ -103,6 +105,7 @@ def prune_channel_indices(
         ConfigError: an unknown key, a group that cannot be pruned (with the reasons),
             indices out of range, or all units of a group.
     """
+    require_weights(model)
     graph = analyze_channels(model, input_shapes=input_shapes)
     kept: dict[int, list[int]] = {}
     for key, indices in remove.items():
@@ -110,16 +113,32 @@ def prune_channel_indices(
         if group is None:
             raise ConfigError(f"no channel group is named or produced by '{key}'")
         if not group.prunable:
-            raise ConfigError(f"group {group.id} ('{key}') cannot be pruned: {'; '.join(map(str, group.skip_reasons))}")
+            raise ConfigError(
+                f"group {group.id} ('{key}') cannot be pruned: {'; '.join(map(str, group.skip_reasons))}"
+            )
         drop = {int(i) for i in indices}
         if any(not 0 <= i < group.units for i in drop):
-            raise ConfigError(f"group {group.id} ('{key}') has units 0..{group.units - 1}; got {sorted(drop)}")
+            raise ConfigError(
+                f"group {group.id} ('{key}') has units 0..{group.units - 1}; got {sorted(drop)}"
+            )
         if len(drop) >= group.units:
             raise ConfigError(f"cannot remove every unit of group {group.id} ('{key}')")
         kept[group.root] = [u for u in range(group.units) if u not in drop]
-    macs_before = count_macs(weightless(model), input_shapes)
+    macs_before = count_macs(model, input_shapes)
     config = {"remove": {k: sorted(int(i) for i in v) for k, v in remove.items()}}
-    return _finish(model, graph, kept, config, macs_before, input_shapes, ratio=None, target_met=None, notes=[], ratios={}, importance={})
+    return _finish(
+        model,
+        graph,
+        kept,
+        config,
+        macs_before,
+        input_shapes,
+        ratio=None,
+        target_met=None,
+        notes=[],
+        ratios={},
+        importance={},
+    )
 
 
 # --------------------------------------------------------------------------- selection
@@ -165,17 +184,18 @@ class _Chooser:
         self.config = config
         self.scores: dict[int, np.ndarray] = {}
         self.sources: dict[int, str] = {}
-        self.notes: list[str] = []
         for group in graph.groups:
             if group.prunable:
-                self.scores[group.root], self.sources[group.root] = _importance(graph, group, config.importance)
+                self.scores[group.root], self.sources[group.root] = _importance(
+                    graph, group, config.importance
+                )
 
     def keep_count(self, group: ChannelGroup, ratio: float) -> int:
         units, width = group.units, group.unit_width
         keep = units - math.floor(ratio * units + 1e-9)
+        keep = max(keep, -(-self.config.min_channels // width), 1)
         step = self.config.round_to // math.gcd(self.config.round_to, width)
-        keep = min(units, -(-keep // step) * step)
-        return max(keep, min(units, -(-self.config.min_channels // width)), 1)
+        return min(units, -(-keep // step) * step)
 
     def choose(self, ratio: float, overrides: Mapping[int, float]) -> dict[int, list[int]]:
         kept: dict[int, list[int]] = {}
@@ -201,11 +221,12 @@ def _importance(graph: ChannelGraph, group: ChannelGroup, kind: str) -> tuple[np
 
     if kind == "bn_gamma":
         found = False
-        for src in graph.gammas:
-            if src.space in members:
-                gamma = ix.const(ix.nodes[src.node].input[src.input])
+        for gsrc in graph.gammas:
+            if gsrc.space in members:
+                gamma = ix.const(ix.nodes[gsrc.node].input[gsrc.input])
                 if gamma is not None:
-                    add(np.abs(gamma[src.offset : src.offset + graph.spaces[src.space].size].astype(np.float64)))
+                    size = graph.spaces[gsrc.space].size
+                    add(np.abs(gamma[gsrc.offset : gsrc.offset + size].astype(np.float64)))
                     found = True
         if found:
             return scores, "bn_gamma"
@@ -218,15 +239,20 @@ def _importance(graph: ChannelGraph, group: ChannelGroup, kind: str) -> tuple[np
             weight = ix.const(ix.nodes[src.node].input[src.input])
             if weight is None:
                 continue
-            rows = np.moveaxis(weight, src.axis, 0).reshape(weight.shape[src.axis], -1).astype(np.float64)
-            add(np.abs(rows).sum(axis=1) if kind == "l1" else np.sqrt((rows * rows).sum(axis=1)))
+            rows = np.moveaxis(weight, src.axis, 0).reshape(weight.shape[src.axis], -1)
+            if kind == "l1":
+                add(np.abs(rows).sum(axis=1, dtype=np.float64))
+            else:
+                add(np.sqrt(np.square(rows).sum(axis=1, dtype=np.float64)))
     return scores, used
 
 
 # --------------------------------------------------------------------------- MACs
 
 
-def _predicted_node_macs(graph: ChannelGraph, selection: Selection, macs: MacCount) -> dict[int, tuple[int, int]]:
+def _predicted_node_macs(
+    graph: ChannelGraph, selection: Selection, macs: MacCount
+) -> dict[int, tuple[int, int]]:
     """MACs of each counted producer node before and after ``selection``: node -> (before, after)."""
     out: dict[int, tuple[int, int]] = {}
     for term in graph.mac_terms:
@@ -306,13 +332,17 @@ def _finish(
     groups = _group_reports(graph, selection, plan, macs_before, kept, ratios, importance)
     apply_plan(model, graph, plan)
     modified = not plan.empty
-    macs_after = count_macs(weightless(model), input_shapes) if modified else macs_before
+    macs_after = count_macs(model, input_shapes) if modified else macs_before
     predicted = _predicted_total(graph, kept, macs_before)
     if predicted is not None and macs_after.total is not None and predicted != macs_after.total:
-        log.warning("predicted MACs %s differ from counted MACs %s after pruning", predicted, macs_after.total)
+        log.warning(
+            "predicted MACs %s differ from counted MACs %s after pruning", predicted, macs_after.total
+        )
     bn_fallbacks = sum(1 for g in groups if g.importance and g.importance.startswith("l1 ("))
     if bn_fallbacks:
-        notes.append(f"{bn_fallbacks} group(s) have no BatchNormalization; they were ranked by L1 norm instead of bn_gamma")
+        notes.append(
+            f"{bn_fallbacks} group(s) have no BatchNormalization; they were ranked by L1 norm instead of bn_gamma"
+        )
     return ChannelPruneReport(
         method="channels",
         config=config,
@@ -374,4 +404,3 @@ def _group_reports(
             )
         )  # fmt: skip
     return reports
-

@@ -77,7 +77,9 @@ def _from_dict(cls: type[Any], data: Mapping[str, Any]) -> Any:
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{cls.__name__}: unknown option(s) {', '.join(hints)}; known: {', '.join(sorted(known))}"
+        )
     values = dict(data)
     if "exclude" in values and isinstance(values["exclude"], list):
         values["exclude"] = tuple(values["exclude"])

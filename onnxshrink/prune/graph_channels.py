@@ -184,6 +184,7 @@ class Analyzer:
     # ------------------------------------------------------------------ driving
 
     def run(self) -> None:
+        from onnxshrink.prune import _rules_shape  # noqa: F401 - registers the shape-op rules
         from onnxshrink.prune._rules import PRODUCERS, RULES
 
         for i, node in enumerate(self.ix.nodes):
@@ -249,7 +250,11 @@ class Analyzer:
                 continue
             if x.space is None or y.space is None or x.inner != y.inner:
                 ok = False
-            elif x.start == 0 and y.start == 0 and x.stop == self.spaces[x.space].size == y.stop == self.spaces[y.space].size:
+            elif (
+                x.start == 0
+                and y.start == 0
+                and x.stop == self.spaces[x.space].size == y.stop == self.spaces[y.space].size
+            ):
                 self.classes.merge(x.space, y.space)
             elif not (
                 self.classes.find(x.space) == self.classes.find(y.space)
@@ -279,7 +284,9 @@ class Analyzer:
         return d if isinstance(d, int) else None
 
 
-def analyze_channels(model: onnx.ModelProto, *, input_shapes: dict[str, list[int]] | None = None) -> ChannelGraph:
+def analyze_channels(
+    model: onnx.ModelProto, *, input_shapes: dict[str, list[int]] | None = None
+) -> ChannelGraph:
     """Find the channel groups of ``model`` and what pruning each of them implies.
 
     Args:
@@ -295,4 +302,12 @@ def analyze_channels(model: onnx.ModelProto, *, input_shapes: dict[str, list[int
     return ChannelGraph(analyzer)
 
 
-__all__ = ["ChannelGraph", "ChannelGroup", "FilterSource", "GammaSource", "Seg", "SkipReason", "analyze_channels"]
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "FilterSource",
+    "GammaSource",
+    "Seg",
+    "SkipReason",
+    "analyze_channels",
+]

@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.data import Sample
-from onnxshrink.prune._graph import FLOAT_TYPES, GraphIndex, count_parameters
+from onnxshrink.prune._graph import FLOAT_TYPES, GraphIndex, count_parameters, require_weights
 from onnxshrink.prune.config import MagnitudePruneConfig, pattern_matches
 from onnxshrink.prune.report import UNSTRUCTURED_NOTE, LayerSparsity, MagnitudePruneReport
 from onnxshrink.verify import Fidelity, FidelityMeter
@@ -121,6 +121,7 @@ def prune_magnitude(model: onnx.ModelProto, config: MagnitudePruneConfig) -> Mag
     Returns:
         The report: per-layer and overall sparsity, gzip sizes before and after.
     """
+    require_weights(model)
     weights = _select(model, config)
     inits = {t.name: t for t in model.graph.initializer}
     params_before, bytes_before, gzip_before = count_parameters(model), model.ByteSize(), gzip_size(model)
@@ -147,7 +148,17 @@ def prune_magnitude(model: onnx.ModelProto, config: MagnitudePruneConfig) -> Mag
     for w in weights:
         a = arrays[w.name]
         after = new.get(w.name, a)
-        layers.append(LayerSparsity(w.nodes, w.op_type, w.name, int(a.size), _zeros(a) / max(a.size, 1), _zeros(after) / max(a.size, 1), w.skipped))
+        layers.append(
+            LayerSparsity(
+                w.nodes,
+                w.op_type,
+                w.name,
+                int(a.size),
+                _zeros(a) / max(a.size, 1),
+                _zeros(after) / max(a.size, 1),
+                w.skipped,
+            )
+        )
     pruned_total = sum(arrays[w.name].size for w in chosen)
     all_total = sum(a.size for a in arrays.values())
     zeros_pruned = sum(_zeros(new[w.name]) for w in chosen)
@@ -170,13 +181,17 @@ def prune_magnitude(model: onnx.ModelProto, config: MagnitudePruneConfig) -> Mag
     )
 
 
-def _global(arrays: Mapping[str, np.ndarray], chosen: list[Weight], sparsity: float) -> tuple[dict[str, np.ndarray], float | None]:
+def _global(
+    arrays: Mapping[str, np.ndarray], chosen: list[Weight], sparsity: float
+) -> tuple[dict[str, np.ndarray], float | None]:
     """One magnitude threshold for all chosen weights; ties are zeroed in graph order."""
     total = sum(arrays[w.name].size for w in chosen)
     count = int(round(sparsity * total))
     if count == 0 or total == 0:
         return {w.name: arrays[w.name] for w in chosen}, None
-    magnitudes = np.concatenate([np.abs(arrays[w.name].astype(np.float32, copy=False)).reshape(-1) for w in chosen])
+    magnitudes = np.concatenate(
+        [np.abs(arrays[w.name].astype(np.float32, copy=False)).reshape(-1) for w in chosen]
+    )
     threshold = float(np.partition(magnitudes, count - 1)[count - 1])
     del magnitudes
     out: dict[str, np.ndarray] = {}
@@ -189,7 +204,9 @@ def _global(arrays: Mapping[str, np.ndarray], chosen: list[Weight], sparsity: fl
         a = arrays[w.name]
         mask = below[w.name]
         if remaining > 0:
-            ties = np.flatnonzero(np.abs(a.astype(np.float32, copy=False)).reshape(-1) == threshold)[:remaining]
+            ties = np.flatnonzero(np.abs(a.astype(np.float32, copy=False)).reshape(-1) == threshold)[
+                :remaining
+            ]
             mask = mask.copy()
             mask.reshape(-1)[ties] = True
             remaining -= len(ties)
@@ -271,5 +288,14 @@ def magnitude_sensitivity(
         meter = FidelityMeter()
         for sample, ref in zip(feeds, expected):
             meter.update(ref, run(session, sample.feeds), label=sample.label)
-        results.append(LayerSensitivity(w.nodes, w.op_type, w.name, int(original.size), _zeros(pruned) / max(original.size, 1), meter.result()))
+        results.append(
+            LayerSensitivity(
+                w.nodes,
+                w.op_type,
+                w.name,
+                int(original.size),
+                _zeros(pruned) / max(original.size, 1),
+                meter.result(),
+            )
+        )
     return results

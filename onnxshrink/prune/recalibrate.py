@@ -26,6 +26,28 @@ from onnxshrink.prune._graph import GraphIndex
 log = logging.getLogger(__name__)
 
 
+def _probe(model: onnx.ModelProto, ix: GraphIndex, tensor: str, elem_type: int) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``tensor``, with ``tensor`` as its only output."""
+    needed, stack = set(), [tensor]
+    while stack:
+        producer = ix.producer.get(stack.pop())
+        if producer is not None and producer not in needed:
+            needed.add(producer)
+            stack.extend(n for n in ix.nodes[producer].input if n)
+    nodes = [n for k, n in enumerate(ix.nodes) if k in needed]
+    read = {n for node in nodes for n in node.input}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "probe",
+        [v for v in model.graph.input if v.name in read],
+        [onnx.helper.make_tensor_value_info(tensor, elem_type, None)],
+        [t for t in model.graph.initializer if t.name in read],
+    )
+    probe = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    probe.functions.extend(model.functions)
+    return probe
+
+
 def recalibrate_batchnorm(
     model: onnx.ModelProto,
     samples: Iterable[Sample | Mapping[str, np.ndarray]],
@@ -56,15 +78,14 @@ def recalibrate_batchnorm(
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) < 5:
             continue
         mean_name, var_name = node.input[3], node.input[4]
-        if any(n not in ix.initializers or len(ix.const_uses(n)) != 1 or ix.const_escapes(n) for n in (mean_name, var_name)):
+        if any(
+            n not in ix.initializers or len(ix.const_uses(n)) != 1 or ix.const_escapes(n)
+            for n in (mean_name, var_name)
+        ):
             log.info("BatchNormalization '%s' shares its statistics; left as it is", node.name)
             continue
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
         elem_type = ix.initializers[mean_name].data_type
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], elem_type, None))
-        session = make_session(probe, threads=threads)
+        session = make_session(_probe(model, ix, node.input[0], elem_type), threads=threads)
         total = total_sq = None
         count = 0
         for feed in feeds:

@@ -154,7 +154,11 @@ class MagnitudePruneReport(PruneReport):
     def render(self) -> str:
         pruned = sum(1 for layer in self.layers if layer.skipped is None)
         cfg = self.config
-        what = f"sparsity {cfg.get('sparsity')} ({cfg.get('scope')} scope)" if cfg.get("sparsity") is not None else f"threshold {cfg.get('threshold')}"
+        what = (
+            f"sparsity {cfg.get('sparsity')} ({cfg.get('scope')} scope)"
+            if cfg.get("sparsity") is not None
+            else f"threshold {cfg.get('threshold')}"
+        )
         lines = [
             f"Magnitude pruning: {what}; {pruned} of {len(self.layers)} weighted layers pruned",
             f"Sparsity   {_pct(self.sparsity)} of the pruned weights, {_pct(self.weight_sparsity)} of all eligible weights",
@@ -173,7 +177,12 @@ class MagnitudePruneReport(PruneReport):
             )
             for layer in self.layers
         ]
-        lines += [section("Layers"), format_table(rows, ["node", "op", "weight", "params", "before", "after", "skipped"], align="lllrrrl")]
+        lines += [
+            section("Layers"),
+            format_table(
+                rows, ["node", "op", "weight", "params", "before", "after", "skipped"], align="lllrrrl"
+            ),
+        ]
         lines += ["", *(f"Note: {n}" for n in self.notes)]
         return "\n".join(lines)
 
@@ -242,7 +251,9 @@ class ChannelPruneReport(PruneReport):
     @property
     def skip_tally(self) -> Counter[str]:
         """How many skipped groups each kind of reason (the first one given) accounts for."""
-        return Counter(g.skip_reasons[0].kind for g in self.groups if g.status == "skipped" and g.skip_reasons)
+        return Counter(
+            g.skip_reasons[0].kind for g in self.groups if g.status == "skipped" and g.skip_reasons
+        )
 
     def count(self, status: str) -> int:
         return sum(1 for g in self.groups if g.status == status)
@@ -282,10 +293,14 @@ class ChannelPruneReport(PruneReport):
             first = g.producers[0] + (f" (+{len(g.producers) - 1})" if len(g.producers) > 1 else "")
             chans = f"{g.channels_before[0]} -> {g.channels_after[0]}"
             note = g.skip_reasons[0].detail if g.skip_reasons else ""
-            rows.append((g.id, first, chans, human_count(g.macs_before), human_count(g.macs_after), g.status, note))
+            rows.append(
+                (g.id, first, chans, human_count(g.macs_before), human_count(g.macs_after), g.status, note)
+            )
         lines += [
             section("Groups"),
-            format_table(rows, ["group", "producers", "channels", "MACs", "after", "status", "reason"], align="llrrrll"),
+            format_table(
+                rows, ["group", "producers", "channels", "MACs", "after", "status", "reason"], align="llrrrll"
+            ),
         ]
         if self.notes:
             lines += ["", *(f"Note: {n}" for n in self.notes)]

@@ -40,21 +40,44 @@ class NetBuilder:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], *, name: str | None = None, outputs: int = 1, **attrs: Any) -> Any:
-        name = name or self.fresh(op_type.lower())
-        outs = [f"{name}_out{k}" if outputs > 1 else f"{name}_out" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
-        return outs if outputs > 1 else outs[0]
+    def op(self, op_type: str, inputs: Sequence[str], *, name: str | None = None, **attrs: Any) -> str:
+        """Append a node with one output; return the output's name."""
+        return self.op_n(op_type, inputs, 1, name=name, **attrs)[0]
 
-    def conv(self, x: str, cin: int, cout: int, *, k: int = 3, stride: int = 1, groups: int = 1, bias: bool = True, name: str | None = None) -> str:
+    def op_n(
+        self, op_type: str, inputs: Sequence[str], outputs: int, *, name: str | None = None, **attrs: Any
+    ) -> list[str]:
+        """Append a node with ``outputs`` outputs; return their names."""
+        name = name or self.fresh(op_type.lower())
+        outs = [f"{name}_out{k}" for k in range(outputs)] if outputs > 1 else [f"{name}_out"]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
+        return outs
+
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        *,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        name: str | None = None,
+    ) -> str:
         name = name or self.fresh("conv")
         fan_in = cin // groups * k * k
-        w = self.const(f"{name}.weight", self.rng.normal(0, (2.0 / fan_in) ** 0.5, (cout, cin // groups, k, k)).astype(np.float32))
+        w = self.const(
+            f"{name}.weight",
+            self.rng.normal(0, (2.0 / fan_in) ** 0.5, (cout, cin // groups, k, k)).astype(np.float32),
+        )
         inputs = [x, w]
         if bias:
             inputs.append(self.const(f"{name}.bias", self.rng.normal(0, 0.1, cout).astype(np.float32)))
         pad = k // 2
-        return self.op("Conv", inputs, name=name, pads=[pad] * 4, strides=[stride] * 2, group=groups, kernel_shape=[k, k])  # type: ignore[no-any-return]
+        return self.op(
+            "Conv", inputs, name=name, pads=[pad] * 4, strides=[stride] * 2, group=groups, kernel_shape=[k, k]
+        )
 
     def bn(self, x: str, c: int, *, name: str | None = None) -> str:
         name = name or self.fresh("bn")
@@ -65,36 +88,49 @@ class NetBuilder:
             self.const(f"{name}.mean", r.normal(0, 0.1, c).astype(np.float32)),
             self.const(f"{name}.var", r.uniform(0.5, 1.5, c).astype(np.float32)),
         ]
-        return self.op("BatchNormalization", [x, *params], name=name)  # type: ignore[no-any-return]
+        return self.op("BatchNormalization", [x, *params], name=name)
 
     def cbr(self, x: str, cin: int, cout: int, *, act: str = "Relu", **kw: Any) -> str:
         y = self.bn(self.conv(x, cin, cout, bias=False, **kw), cout)
         if act == "Relu6":
             lo = self.const(self.fresh("zero"), np.array(0.0, np.float32))
             hi = self.const(self.fresh("six"), np.array(6.0, np.float32))
-            return self.op("Clip", [y, lo, hi])  # type: ignore[no-any-return]
-        return self.op(act, [y]) if act else y  # type: ignore[no-any-return]
+            return self.op("Clip", [y, lo, hi])
+        return self.op(act, [y]) if act else y
 
     def gemm(self, x: str, fin: int, fout: int, *, name: str | None = None) -> str:
         name = name or self.fresh("fc")
-        w = self.const(f"{name}.weight", self.rng.normal(0, (1.0 / fin) ** 0.5, (fout, fin)).astype(np.float32))
+        w = self.const(
+            f"{name}.weight", self.rng.normal(0, (1.0 / fin) ** 0.5, (fout, fin)).astype(np.float32)
+        )
         b = self.const(f"{name}.bias", self.rng.normal(0, 0.1, fout).astype(np.float32))
-        return self.op("Gemm", [x, w, b], name=name, transB=1)  # type: ignore[no-any-return]
+        return self.op("Gemm", [x, w, b], name=name, transB=1)
 
     def head(self, x: str, c: int, classes: int = 10) -> str:
         pooled = self.op("GlobalAveragePool", [x])
         return self.gemm(self.op("Flatten", [pooled], axis=1), c, classes, name="fc")
 
     def finish(
-        self, logits: str, *, name: str = "net", opset: int = 17, extra_outputs: Sequence[tuple[str, list[Any]]] = ()
+        self,
+        logits: str,
+        *,
+        name: str = "net",
+        opset: int = 17,
+        extra_outputs: Sequence[tuple[str, list[Any]]] = (),
     ) -> onnx.ModelProto:
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None])]
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in extra_outputs]
         graph = helper.make_graph(
-            self.nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])], outputs, self.inits
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+            outputs,
+            self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxshrink.prune.testing")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxshrink.prune.testing"
+        )
         model.ir_version = min(model.ir_version, 10)
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -147,10 +183,16 @@ def dense_net(seed: int = 0) -> onnx.ModelProto:
     x = b.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
     br1 = b.cbr(x, 24, 8, k=1, name="inc_1x1")
     br2 = b.cbr(b.cbr(x, 24, 8, k=1, name="inc_3x3_reduce"), 8, 12, name="inc_3x3")
-    br3 = b.cbr(b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4), 24, 8, k=1, name="inc_pool_proj")
+    br3 = b.cbr(
+        b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4),
+        24,
+        8,
+        k=1,
+        name="inc_pool_proj",
+    )
     x = b.op("Concat", [br1, br2, br3], axis=1)  # 28 channels
     sizes = b.const("split_sizes", np.array([12, 16], np.int64))
-    left, right = b.op("Split", [x, sizes], axis=1, outputs=2)
+    left, right = b.op_n("Split", [x, sizes], 2, axis=1)
     starts, ends, axes = (b.const(n, np.array([v], np.int64)) for n, v in (("s0", 4), ("s1", 12), ("s2", 1)))
     right = b.op("Slice", [right, starts, ends, axes])  # channels 16..24 of the concat
     x = b.op("Concat", [b.cbr(left, 12, 12, k=1, name="left"), right], axis=1)  # 20 channels
@@ -189,17 +231,59 @@ def mlp_net(seed: int = 0) -> onnx.ModelProto:
     b = NetBuilder(seed)
     x = b.conv("input", 3, 16, k=4, stride=4, name="stem")
     t = b.op("Transpose", [x], perm=[0, 2, 3, 1])
-    t = b.op("LayerNormalization", [t, b.const("ln.scale", np.ones(16, np.float32)), b.const("ln.bias", np.zeros(16, np.float32))], axis=-1)
+    t = b.op(
+        "LayerNormalization",
+        [t, b.const("ln.scale", np.ones(16, np.float32)), b.const("ln.bias", np.zeros(16, np.float32))],
+        axis=-1,
+    )
     w1 = b.const("mlp.fc1.weight", b.rng.normal(0, 0.25, (16, 64)).astype(np.float32))
-    h = b.op("Add", [b.op("MatMul", [t, w1], name="mlp_fc1"), b.const("mlp.fc1.bias", b.rng.normal(0, 0.1, 64).astype(np.float32))])
+    h = b.op(
+        "Add",
+        [
+            b.op("MatMul", [t, w1], name="mlp_fc1"),
+            b.const("mlp.fc1.bias", b.rng.normal(0, 0.1, 64).astype(np.float32)),
+        ],
+    )
     root2 = b.const("sqrt2", np.array(2**0.5, np.float32))
     one, half = b.const("one", np.array(1.0, np.float32)), b.const("half", np.array(0.5, np.float32))
     g = b.op("Mul", [b.op("Mul", [h, b.op("Add", [b.op("Erf", [b.op("Div", [h, root2])]), one])]), half])
     w2 = b.const("mlp.fc2.weight", b.rng.normal(0, 0.125, (64, 16)).astype(np.float32))
-    y = b.op("Add", [b.op("MatMul", [g, w2], name="mlp_fc2"), b.const("mlp.fc2.bias", b.rng.normal(0, 0.1, 16).astype(np.float32))])
+    y = b.op(
+        "Add",
+        [
+            b.op("MatMul", [g, w2], name="mlp_fc2"),
+            b.const("mlp.fc2.bias", b.rng.normal(0, 0.1, 16).astype(np.float32)),
+        ],
+    )
     y = b.op("Mul", [y, b.const("mlp.gamma", b.rng.uniform(0.5, 1.0, 16).astype(np.float32))])
     x = b.op("Add", [x, b.op("Transpose", [y], perm=[0, 3, 1, 2])])
     return b.finish(b.head(x, 16), name="mlp_net")
+
+
+def misc_net(seed: int = 0) -> onnx.ModelProto:
+    """Spatial Pad and Resize, a ReduceMean/Unsqueeze gate, a ConvTranspose producer and an
+    InstanceNormalization."""
+    b = NetBuilder(seed)
+    x = b.cbr("input", 3, 16, name="stem")
+    x = b.op("Pad", [x, b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])  # 18x18
+    x = b.op("Resize", [x, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    x = b.cbr(x, 16, 24, stride=2, name="down")  # 18x18
+    gate = b.op("ReduceMean", [x], axes=[2, 3], keepdims=0)
+    gate = b.op("Unsqueeze", [gate, b.const("gate_axes", np.array([2, 3], np.int64))])
+    x = b.op("Mul", [x, b.op("Sigmoid", [gate])])
+    w = b.const("up.weight", b.rng.normal(0, 0.2, (24, 12, 2, 2)).astype(np.float32))
+    x = b.op(
+        "ConvTranspose",
+        [x, w, b.const("up.bias", b.rng.normal(0, 0.1, 12).astype(np.float32))],
+        name="up",
+        strides=[2, 2],
+    )
+    scale, shift = (
+        b.const("in.scale", b.rng.uniform(0.5, 1.5, 12).astype(np.float32)),
+        b.const("in.bias", np.zeros(12, np.float32)),
+    )
+    x = b.op("LeakyRelu", [b.op("InstanceNormalization", [x, scale, shift])], alpha=0.1)
+    return b.finish(b.head(x, 12), name="misc_net")
 
 
 def shuffle_net(seed: int = 0) -> onnx.ModelProto:
@@ -222,6 +306,7 @@ BUILDERS = {
     "dense": dense_net,
     "se": se_net,
     "mlp": mlp_net,
+    "misc": misc_net,
     "shuffle": shuffle_net,
 }
 

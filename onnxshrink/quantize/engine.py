@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.errors import ShrinkError
+from onnxshrink.passes.cleanup import topological_sort
 from onnxshrink.quantize.config import Int8Config
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def build_qdq(
         quantized = quantizer.quantize_model()
     finally:
         root.setLevel(previous)
+    topological_sort(quantized.graph)
     check_scales(quantized)
     return quantized
 
