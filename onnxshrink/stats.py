@@ -227,9 +227,7 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str,
     """
     try:
         if symbolic:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
         else:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; report, don't fail
@@ -244,6 +242,29 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str,
     for t in graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+def _symbolic_shape_inference() -> Any:
+    """onnxruntime's SymbolicShapeInference, loaded without ``onnxruntime.tools.__init__``.
+
+    That package imports torch whenever torch is installed (half a gigabyte of memory and
+    seconds of start-up for nothing); the module itself needs only onnx, numpy and sympy.
+    """
+    import importlib.util
+    import sys
+
+    name = "onnxshrink._vendor_symbolic_shape_infer"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.find_spec("onnxruntime")
+        assert spec is not None and spec.submodule_search_locations
+        path = f"{list(spec.submodule_search_locations)[0]}/tools/symbolic_shape_infer.py"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        assert loader_spec is not None and loader_spec.loader is not None
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _known(shape: Shape | None) -> list[int] | None:

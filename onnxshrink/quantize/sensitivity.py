@@ -65,21 +65,14 @@ def _dequantized_views(qdq: onnx.ModelProto) -> dict[str, str]:
     return views
 
 
-def _run_exposed(model: onnx.ModelProto, names: list[str], samples: list[Sample]) -> list[dict[str, np.ndarray]]:
+def _exposed_session(model: onnx.ModelProto, names: list[str]) -> Any:
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}
     for name in names:
         if name not in present:
             exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
-    session = make_session(exposed, threads=None, optimization="basic")
-    outs = [o.name for o in session.get_outputs()]
-    wanted = set(names)
-    results = []
-    for sample in samples:
-        values = session.run(outs, sample.feeds)
-        results.append({k: v for k, v in zip(outs, values) if k in wanted})
-    return results
+    return make_session(exposed, threads=None, optimization="basic")
 
 
 def node_sensitivity(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[Sample]) -> list[NodeSensitivity]:
@@ -104,16 +97,24 @@ def node_sensitivity(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[
     if not quantized_nodes:
         return []
     tensors = sorted({t for _, ins, out in quantized_nodes for t in [*ins, out]})
-    reference = _run_exposed(fp32, tensors, samples)
-    candidate_names = sorted({views.get(t, t) for t in tensors})
-    candidate = _run_exposed(qdq, candidate_names, samples)
+    views_of = {t: views.get(t, t) for t in tensors}
+    reference_session = _exposed_session(fp32, tensors)
+    candidate_session = _exposed_session(qdq, sorted(set(views_of.values())))
+    ref_names = [o.name for o in reference_session.get_outputs()]
+    cand_names = [o.name for o in candidate_session.get_outputs()]
+    meters = {t: FidelityMeter() for t in tensors}
+    # Stream: one sample's activations of both models in memory at a time.
+    for sample in samples:
+        ref = dict(zip(ref_names, reference_session.run(ref_names, sample.feeds)))
+        cand = dict(zip(cand_names, candidate_session.run(cand_names, sample.feeds)))
+        for t in tensors:
+            a, b = ref.get(t), cand.get(views_of[t])
+            if a is not None and b is not None and np.shape(a) == np.shape(b):
+                meters[t].update([a], [b])
+        del ref, cand
 
     def sqnr(tensor: str) -> float:
-        meter = FidelityMeter()
-        view = views.get(tensor, tensor)
-        for ref, cand in zip(reference, candidate):
-            if tensor in ref and view in cand and np.shape(ref[tensor]) == np.shape(cand[view]):
-                meter.update([ref[tensor]], [cand[view]])
+        meter = meters[tensor]
         return meter.result().sqnr_db if meter.samples else math.inf
 
     cache: dict[str, float] = {}
