@@ -66,6 +66,7 @@ def make_session(
     optimized_model_path: str | os.PathLike[str] | None = None,
     provider_options: dict[str, Any] | None = None,
     enable_profiling: bool = False,
+    memory_arena: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on exactly the requested provider.
 
@@ -84,6 +85,9 @@ def make_session(
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     options.enable_profiling = enable_profiling
+    # One-off sessions (calibration with every activation exposed) are better off without
+    # the arena, which keeps its peak for the session's life.
+    options.enable_cpu_mem_arena = memory_arena
     providers: list[Any] = [(full, provider_options or {})]
     if full == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available_providers():
         providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take
@@ -115,3 +119,15 @@ def run(session: Any, feeds: dict[str, np.ndarray], outputs: Sequence[str] | Non
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime failed to run the model: {first}") from exc
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise), after big phases."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -25,15 +25,21 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
         "distillation needs PyTorch, which is not installed: pip install 'onnxshrink[train]'"
     ) from None
 
-from onnxshrink.distill.graph import GraphExecutionError, TorchGraph  # noqa: E402
-from onnxshrink.distill.ops import NodeInfo, UnsupportedOpError, register, supported_ops  # noqa: E402
+from onnxshrink.distill.graph import GraphExecutionError, TorchGraph
+from onnxshrink.distill.hook import DistillationHook, LossTerms
+from onnxshrink.distill.loop import DistillResult, distill
+from onnxshrink.distill.ops import NodeInfo, UnsupportedOpError, register, supported_ops
 
 __all__ = [
+    "DistillResult",
+    "DistillationHook",
     "GraphExecutionError",
+    "LossTerms",
     "NodeInfo",
     "TorchGraph",
     "TorchNotInstalledError",
     "UnsupportedOpError",
+    "distill",
     "register",
     "supported_ops",
 ]

@@ -48,8 +48,17 @@ from onnxshrink.modelio import has_external_data
 log = logging.getLogger(__name__)
 
 #: Ops a weight may pass through (as input 0) on its way to the op that uses it.
-PASS_THROUGH = {"Identity", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
-                "QuantizeLinear", "DequantizeLinear"}  # fmt: skip
+PASS_THROUGH = {
+    "Identity",
+    "Cast",
+    "Transpose",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "QuantizeLinear",
+    "DequantizeLinear",
+}
 #: A quantized weight is only treated as pruned above this share of zeros: rounding alone
 #: zeroes about 1% of a dense weight's int8 values.
 QUANTIZED_PRUNED_FRACTION = 0.2
@@ -116,7 +125,9 @@ def _sorted_nodes(graph: onnx.GraphProto, opset: int, known: set[str]) -> list[N
         if not ready:
             node = remaining[0]
             missing = next(i for i in node.inputs if i and i not in available)
-            raise UnsupportedModelError(f"node '{node.name}' reads '{missing}', which nothing produces (or a cycle)")
+            raise UnsupportedModelError(
+                f"node '{node.name}' reads '{missing}', which nothing produces (or a cycle)"
+            )
         for n in ready:
             available.update(o for o in n.outputs if o)
         ordered += ready
@@ -138,10 +149,15 @@ class TorchGraph(nn.Module):
         UnsupportedModelError: external data not loaded, sparse initializers, bad graphs.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, frozen: Collection[str] = (), keep_sparsity: bool = True) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, frozen: Collection[str] = (), keep_sparsity: bool = True
+    ) -> None:
         super().__init__()
         if has_external_data(model):
-            raise UnsupportedModelError("the model's weights are in external data that is not loaded; load it with onnxshrink.modelio.load_model")
+            raise UnsupportedModelError(
+                "the model's weights are in external data that is not loaded; "
+                "load it with onnxshrink.modelio.load_model"
+            )
         graph = model.graph
         if len(graph.sparse_initializer):
             raise UnsupportedModelError("sparse initializers are not supported")
@@ -165,7 +181,9 @@ class TorchGraph(nn.Module):
         for node in nodes:  # Constant nodes are constants like initializers (and written back alike)
             if node.op_type == "Constant":
                 arrays[node.outputs[0]] = constant_value(node)
-                elem_types[node.outputs[0]] = onnx.helper.np_dtype_to_tensor_dtype(arrays[node.outputs[0]].dtype)
+                elem_types[node.outputs[0]] = onnx.helper.np_dtype_to_tensor_dtype(
+                    arrays[node.outputs[0]].dtype
+                )
                 self._constant_nodes.add(node.outputs[0])
         nodes = [n for n in nodes if n.op_type != "Constant"]
 
@@ -186,7 +204,9 @@ class TorchGraph(nn.Module):
     def _check_supported(nodes: list[NodeInfo]) -> None:
         bad = [n for n in nodes if n.op_type not in OPS or n.domain not in ("", "ai.onnx")]
         if bad:
-            listed = ", ".join(f"'{n.name}' ({n.domain + '::' if n.domain else ''}{n.op_type})" for n in bad[:8])
+            listed = ", ".join(
+                f"'{n.name}' ({n.domain + '::' if n.domain else ''}{n.op_type})" for n in bad[:8]
+            )
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
             kinds = sorted({n.op_type for n in bad})
             raise UnsupportedOpError(
@@ -195,7 +215,9 @@ class TorchGraph(nn.Module):
             )
 
     @staticmethod
-    def _find_weights(nodes: list[NodeInfo], arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[NodeInfo, int, NodeInfo | None]]:
+    def _find_weights(
+        nodes: list[NodeInfo], arrays: Mapping[str, np.ndarray]
+    ) -> dict[str, tuple[NodeInfo, int, NodeInfo | None]]:
         """Constants reaching a weight slot: name -> (consumer, slot, last pass-through node)."""
         producer = {out: node for node in nodes for out in node.outputs if out}
         found: dict[str, tuple[NodeInfo, int, NodeInfo | None]] = {}
@@ -203,7 +225,12 @@ class TorchGraph(nn.Module):
             op = OPS[node.op_type]
             for position, name in enumerate(node.inputs):
                 via: NodeInfo | None = None
-                while name and name not in arrays and name in producer and producer[name].op_type in PASS_THROUGH:
+                while (
+                    name
+                    and name not in arrays
+                    and name in producer
+                    and producer[name].op_type in PASS_THROUGH
+                ):
                     via = producer[name]
                     name = via.inputs[0]
                 if name in arrays and op.is_weight_slot(position, arrays[name].size) and name not in found:
@@ -215,10 +242,14 @@ class TorchGraph(nn.Module):
         try:
             self.constants.add(key, to_torch(array))
         except TypeError:
-            raise UnsupportedModelError(f"constant '{name}' has type {array.dtype}, which torch cannot hold") from None
+            raise UnsupportedModelError(
+                f"constant '{name}' has type {array.dtype}, which torch cannot hold"
+            ) from None
         self._keys[name] = key
 
-    def _add_parameter(self, name: str, array: np.ndarray, taken: set[str], keep_sparsity: bool, *, pruned_fraction: float) -> None:
+    def _add_parameter(
+        self, name: str, array: np.ndarray, taken: set[str], keep_sparsity: bool, *, pruned_fraction: float
+    ) -> None:
         key = _sanitize(name, "w_", taken)
         value = to_torch(array)
         self.weights[key] = nn.Parameter(value)
@@ -228,9 +259,15 @@ class TorchGraph(nn.Module):
         if keep_sparsity and value.dim() >= 2 and zeros and zeros > pruned_fraction * value.numel():
             self.masks.add(key, (value != 0).to(value.dtype))
 
-    def _add_quantized(self, nodes: list[NodeInfo], arrays: dict[str, np.ndarray],
-                       weight_uses: Mapping[str, tuple[NodeInfo, int, NodeInfo | None]],
-                       frozen: Collection[str], taken: set[str], keep_sparsity: bool) -> None:
+    def _add_quantized(
+        self,
+        nodes: list[NodeInfo],
+        arrays: dict[str, np.ndarray],
+        weight_uses: Mapping[str, tuple[NodeInfo, int, NodeInfo | None]],
+        frozen: Collection[str],
+        taken: set[str],
+        keep_sparsity: bool,
+    ) -> None:
         """Turn integer weights behind a DequantizeLinear into float parameters."""
         readers: dict[str, int] = {}
         for node in nodes:
@@ -259,9 +296,14 @@ class TorchGraph(nn.Module):
                 x_dq = producer.get(consumer.inputs[0])
                 if x_dq is not None and x_dq.op_type == "DequantizeLinear" and x_dq.inputs[1] in arrays:
                     input_scale = (x_dq.inputs[1], arrays[x_dq.inputs[1]])
-            choose_policy(qw, consumer, position, partner, input_scale)
-            self._add_parameter(name, qw.initial_value(arrays[name]), taken, keep_sparsity,
-                                pruned_fraction=QUANTIZED_PRUNED_FRACTION)
+            choose_policy(qw, arrays[name], consumer, position, partner, input_scale)
+            self._add_parameter(
+                name,
+                qw.initial_value(arrays[name]),
+                taken,
+                keep_sparsity,
+                pruned_fraction=QUANTIZED_PRUNED_FRACTION,
+            )
             self.quantized[name] = qw
 
     def _build_plan(self, nodes: list[NodeInfo]) -> list[_Step]:
@@ -285,14 +327,14 @@ class TorchGraph(nn.Module):
     def device(self) -> torch.device:
         for t in self.parameters():
             return t.device
-        for t in self.buffers():
-            return t.device
+        for b in self.buffers():
+            return b.device
         return torch.device("cpu")
 
     def weight(self, name: str) -> Tensor:
         """The value the graph uses for weight ``name`` (an ONNX name): masked if pruned."""
         key = self._keys[name]
-        param = self.weights[key]
+        param: Tensor = self.weights[key]
         mask = self.masks._buffers.get(key)
         return param if mask is None else param * mask
 
@@ -316,13 +358,15 @@ class TorchGraph(nn.Module):
         values = self._constant_values()
         for name in self.input_names:
             value = feeds[name]
-            values[name] = (torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value).to(device)
+            values[name] = (
+                torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+            ).to(device)
         for step in self._plan:
             try:
                 result = step.run(values)
             except ShrinkError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - torch raises many types; name the node
+            except Exception as exc:
                 detail = " ".join(str(exc).split())[:300]
                 raise GraphExecutionError(
                     f"node '{step.node.name}' ({step.node.op_type}) failed: {type(exc).__name__}: {detail}"
@@ -360,8 +404,10 @@ class TorchGraph(nn.Module):
         return [results[name].detach().cpu().numpy() for name in self.output_names]
 
     def __repr__(self) -> str:
-        return (f"TorchGraph(nodes={len(self._plan)}, opset={self.opset}, weights={len(self.weights)}, "
-                f"quantized={len(self.quantized)}, masked={len(self.masks._buffers)})")
+        return (
+            f"TorchGraph(nodes={len(self._plan)}, opset={self.opset}, weights={len(self.weights)}, "
+            f"quantized={len(self.quantized)}, masked={len(self.masks._buffers)})"
+        )
 
     # ------------------------------------------------------------------ export
 
@@ -378,16 +424,26 @@ class TorchGraph(nn.Module):
         tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
         trained = set(self.onnx_names.values())
         for node in model.graph.node:
-            if node.op_type == "Constant" and node.output and node.output[0] in trained & self._constant_nodes:
+            if (
+                node.op_type == "Constant"
+                and node.output
+                and node.output[0] in trained & self._constant_nodes
+            ):
                 tensors[node.output[0]] = _constant_tensor(node)
         missing = [name for name in self.onnx_names.values() if name not in tensors]
         if missing:
-            raise UnsupportedModelError(f"the template model has no weight(s) {missing[:5]}; export into the model this graph was built from")
+            raise UnsupportedModelError(
+                f"the template model has no weight(s) {missing[:5]}; "
+                "export into the model this graph was built from"
+            )
         with torch.no_grad():
             values = {k: v.detach() for k, v in self._constant_values().items()}
             unchanged = frozenset(
-                name for name, qw in self.quantized.items()
-                if np.array_equal(values[name].cpu().numpy(), qw.initial_value(numpy_helper.to_array(tensors[name])))
+                name
+                for name, qw in self.quantized.items()
+                if np.array_equal(
+                    values[name].cpu().numpy(), qw.initial_value(numpy_helper.to_array(tensors[name]))
+                )
             )
             for name in self.onnx_names.values():
                 qw = self.quantized.get(name)

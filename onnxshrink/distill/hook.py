@@ -103,13 +103,20 @@ class DistillationHook:
             raise ConfigError(f"alpha must be between 0 and 1, not {alpha}")
         if l1 < 0 or l2 < 0:
             raise ConfigError("l1 and l2 must be >= 0")
-        self.temperature, self.alpha, self.l1, self.l2 = float(temperature), float(alpha), float(l1), float(l2)
+        self.temperature, self.alpha, self.l1, self.l2 = (
+            float(temperature),
+            float(alpha),
+            float(l1),
+            float(l2),
+        )
         # A teacher file is vetted by modelio, then read by onnxruntime itself (its weights
         # are never held twice); a student is loaded fully, to train.
         teacher_proto, self.teacher_path = _source(teacher, load_weights=False)
         self.student_model, self.student_path = _source(student, load_weights=True)
         self._check_interfaces(teacher_proto, self.student_model)
-        self.session = make_session(teacher_proto if self.teacher_path is None else self.teacher_path, threads=threads)
+        self.session = make_session(
+            teacher_proto if self.teacher_path is None else self.teacher_path, threads=threads
+        )
         del teacher_proto
         self.student = TorchGraph(self.student_model, frozen=frozen, keep_sparsity=keep_sparsity)
         self.kinds: list[OutputKind] | None = None
@@ -137,7 +144,9 @@ class DistillationHook:
     def _split(self, batch: Batch) -> tuple[dict[str, np.ndarray | Tensor], Tensor | None]:
         unknown = sorted(set(batch) - set(self.input_names) - {LABELS_KEY})
         if unknown:
-            raise DataError(f"batch has entries {unknown} that are not model inputs {self.input_names} or '{LABELS_KEY}'")
+            raise DataError(
+                f"batch has entries {unknown} that are not model inputs {self.input_names} or '{LABELS_KEY}'"
+            )
         missing = [n for n in self.input_names if n not in batch]
         if missing:
             raise DataError(f"batch lacks model input(s) {missing}")
@@ -210,10 +219,14 @@ class DistillationHook:
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the tuned student to ``path`` atomically (never over the teacher or student)."""
-        return save_distilled(self.model(), path, protect=[p for p in (self.teacher_path, self.student_path) if p])
+        return save_distilled(
+            self.model(), path, protect=[p for p in (self.teacher_path, self.student_path) if p]
+        )
 
 
-def save_distilled(model: onnx.ModelProto, path: str | os.PathLike[str], *, protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
+def save_distilled(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, protect: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
     """Save through :func:`onnxshrink.modelio.save_model`, refusing to overwrite ``protect``."""
     target = Path(path)
     for source in protect:

@@ -2,13 +2,14 @@
 
 1. The data set is read once into memory and split (seeded) into a training part and a
    held-back part of ``val_fraction``; the teacher's outputs are computed once (onnxruntime).
-2. Adam trains the student through :class:`DistillationHook`, batch by batch, with a tqdm bar
-   showing the running loss and top-1 agreement with the teacher.
-3. After every epoch the held-back part is scored: top-1 agreement with the teacher when the
-   outputs are class scores (ties broken by the loss), the distillation loss otherwise. The
-   best weights so far are kept, the untrained ones counting as epoch 0, so the result is
-   never worse on the held-back part than the input; ``patience`` epochs without improvement
-   stop the run.
+2. Adam trains the student through :class:`DistillationHook`, batch by batch (learning rate
+   decayed to 0 over the epochs on a cosine by default), with a tqdm bar showing the running
+   loss and top-1 agreement with the teacher.
+3. After every epoch the held-back part is scored on the distillation loss (default) or on
+   top-1 agreement with the teacher (``monitor="agreement"``, class-score outputs only),
+   ties going to the other measure. The best weights so far are kept, the untrained ones
+   counting as epoch 0, so the result is never worse on the held-back part than the input;
+   ``patience`` epochs without improvement stop the run.
 4. The best weights are exported, and the student before and after is scored with
    onnxruntime (the deployed runtime, not the torch interpreter) on the held-back part and on
    an optional evaluation set.
@@ -25,7 +26,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -40,6 +41,9 @@ from onnxshrink.runtime import make_session, run
 from onnxshrink.verify import Fidelity, FidelityMeter
 
 log = logging.getLogger(__name__)
+
+Monitor = Literal["loss", "agreement"]
+Schedule = Literal["cosine", "constant"]
 
 #: distill() holds the data set in memory; refuse more than this.
 MAX_DATA_BYTES = 4 * 2**30
@@ -81,7 +85,10 @@ def stack_samples(samples: Iterable[Sample], *, max_bytes: int = MAX_DATA_BYTES)
         else:
             labels = None
         if total > max_bytes:
-            raise DataError(f"the data set is over {max_bytes / 2**30:.1f} GiB; distillation keeps it in memory, give fewer samples")
+            raise DataError(
+                f"the data set is over {max_bytes / 2**30:.1f} GiB; distillation keeps it in memory, "
+                "give fewer samples"
+            )
     if not columns:
         raise DataError("the data set holds no samples")
     feeds = {name: np.concatenate(parts, axis=0) for name, parts in columns.items()}
@@ -109,7 +116,12 @@ class SplitReport:
     after: Fidelity
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "samples": self.samples, "before": self.before.to_json(), "after": self.after.to_json()}
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+        }
 
 
 @dataclass
@@ -142,8 +154,11 @@ class DistillResult:
 @contextlib.contextmanager
 def deterministic(seed: int, threads: int | None) -> Iterator[None]:
     """Seed torch, ask for deterministic algorithms and fix the thread count; restore after."""
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
@@ -159,7 +174,9 @@ def _top1(output: np.ndarray) -> np.ndarray:
     return output.reshape(output.shape[0], -1).argmax(axis=1)
 
 
-def _score(hook: DistillationHook, data: Arrays, teacher: list[np.ndarray], batch_size: int) -> tuple[float, float | None]:
+def _score(
+    hook: DistillationHook, data: Arrays, teacher: list[np.ndarray], batch_size: int
+) -> tuple[float, float | None]:
     """(mean distillation loss, top-1 agreement or None) of the torch student on ``data``."""
     kinds = hook.output_kinds([t[:1] for t in teacher])
     classify = kinds[0] != "regression"
@@ -168,20 +185,27 @@ def _score(hook: DistillationHook, data: Arrays, teacher: list[np.ndarray], batc
         for part, feeds, _ in data.batches(batch_size):
             student = list(hook.student(**feeds))
             targets = [torch.from_numpy(t[part]) for t in teacher]
-            loss_sum += float(distillation_loss(student, targets, kinds, temperature=hook.temperature)) * len(targets[0])
+            loss_sum += float(distillation_loss(student, targets, kinds, temperature=hook.temperature)) * len(
+                targets[0]
+            )
             if classify:
                 agree += int(np.sum(_top1(student[0].cpu().numpy()) == _top1(teacher[0][part])))
     return loss_sum / len(data), (agree / len(data) if classify else None)
 
 
-def _better(score: tuple[float, float | None], best: tuple[float, float | None]) -> bool:
+def _better(score: tuple[float, float | None], best: tuple[float, float | None], monitor: Monitor) -> bool:
+    """Whether ``score`` beats ``best``: on ``monitor``, ties broken by the other measure."""
     loss, agreement = score
-    if agreement is not None and best[1] is not None and agreement != best[1]:
+    if monitor == "agreement" and agreement is not None and best[1] is not None and agreement != best[1]:
         return agreement > best[1]
-    return loss < best[0]
+    if loss != best[0] or agreement is None or best[1] is None:
+        return loss < best[0]
+    return agreement > best[1]
 
 
-def _fidelity(model: onnx.ModelProto, data: Arrays, teacher: list[np.ndarray], batch_size: int, threads: int | None) -> Fidelity:
+def _fidelity(
+    model: onnx.ModelProto, data: Arrays, teacher: list[np.ndarray], batch_size: int, threads: int | None
+) -> Fidelity:
     """The student as onnxruntime runs it, against the teacher's outputs."""
     session = make_session(model, threads=threads)
     meter = FidelityMeter()
@@ -189,7 +213,9 @@ def _fidelity(model: onnx.ModelProto, data: Arrays, teacher: list[np.ndarray], b
         outputs = run(session, feeds)
         for row in range(len(outputs[0])):
             label = int(labels[row]) if labels is not None else None
-            meter.update([t[part][row : row + 1] for t in teacher], [o[row : row + 1] for o in outputs], label)
+            meter.update(
+                [t[part][row : row + 1] for t in teacher], [o[row : row + 1] for o in outputs], label
+            )
     return meter.result()
 
 
@@ -208,6 +234,7 @@ def distill(
     *,
     epochs: int = 10,
     lr: float = 1e-4,
+    schedule: Schedule = "cosine",
     batch_size: int = 32,
     temperature: float = 4.0,
     alpha: float = 0.9,
@@ -217,6 +244,7 @@ def distill(
     seed: int = 0,
     val_fraction: float = 0.1,
     patience: int = 3,
+    monitor: Monitor = "loss",
     eval_dataset: Iterable[Sample] | None = None,
     threads: int | None = 1,
     progress: bool = True,
@@ -228,12 +256,18 @@ def distill(
         dataset: samples (e.g. from :func:`onnxshrink.data.open_dataset`); labels optional.
         epochs: passes over the training part (0 only evaluates).
         lr: Adam learning rate.
+        schedule: ``"cosine"`` decays the learning rate to 0 over ``epochs`` (by batch);
+            ``"constant"`` keeps it.
         batch_size: samples per optimizer step.
         temperature, alpha, l1, l2: see :class:`DistillationHook`.
         use_labels: add the cross-entropy on the data set's labels (weight ``1 - alpha``).
         seed: seeds the split, the shuffling and torch.
         val_fraction: share of samples held back for early stopping and the report (0-1).
         patience: epochs without improvement before stopping; 0 never stops early.
+        monitor: what the held-back split is scored on: ``"loss"`` (the distillation loss,
+            smooth even on a few hundred samples) or ``"agreement"`` (top-1 agreement with
+            the teacher, for class-score outputs; coarse on small splits). Ties go to the
+            other measure.
         eval_dataset: an extra data set, only scored before and after.
         threads: torch and onnxruntime threads (``None``: their defaults).
         progress: show a tqdm progress bar on stderr.
@@ -242,11 +276,17 @@ def distill(
         The tuned model (best held-back weights) and the before/after report.
     """
     _check_options(epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, patience=patience)
+    if monitor not in ("loss", "agreement"):
+        raise ConfigError(f"monitor must be 'loss' or 'agreement', not {monitor!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     started = time.perf_counter()
-    hook = DistillationHook(teacher, student, temperature=temperature, alpha=alpha, l1=l1, l2=l2, threads=threads)
+    hook = DistillationHook(
+        teacher, student, temperature=temperature, alpha=alpha, l1=l1, l2=l2, threads=threads
+    )
     data = stack_samples(dataset)
     if use_labels and data.labels is None:
-        raise DataError("--labels needs a data set where every sample has a label")
+        raise DataError("training on labels (--labels) needs a data set where every sample has a label")
     train, val = _split(data, val_fraction, seed)
     if not use_labels:
         train = Arrays(train.feeds, None)
@@ -255,13 +295,25 @@ def distill(
     extra = stack_samples(eval_dataset) if eval_dataset is not None else None
     teacher_extra = teacher_outputs(hook, extra, batch_size) if extra is not None else []
     before_val = _fidelity(hook.student_model, val, teacher_val, batch_size, threads) if len(val) else None
-    before_extra = _fidelity(hook.student_model, extra, teacher_extra, batch_size, threads) if extra is not None else None
+    before_extra = (
+        _fidelity(hook.student_model, extra, teacher_extra, batch_size, threads)
+        if extra is not None
+        else None
+    )
 
     history: list[EpochRecord] = []
     best_epoch, stopped_early, epochs_run = 0, False, 0
-    bar = tqdm(total=epochs * len(train), desc="distill", unit="sample", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=epochs * len(train), desc="distill", unit="sample", disable=not progress, dynamic_ncols=True
+    )
     with deterministic(seed, threads), bar:
         optimizer = torch.optim.Adam(hook.parameters(), lr=lr)
+        steps = epochs * -(-len(train) // batch_size)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+            if schedule == "cosine"
+            else None
+        )
         hook.output_kinds([t[:1] for t in teacher_train])
         best = _score(hook, val, teacher_val, batch_size) if len(val) else None
         best_state = _snapshot(hook)
@@ -269,14 +321,16 @@ def distill(
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}")
-            record = _train_epoch(hook, optimizer, train, teacher_train, batch_size, rng, epoch, bar, held_back)
+            record = _train_epoch(
+                hook, optimizer, scheduler, train, teacher_train, batch_size, rng, epoch, bar, held_back
+            )
             epochs_run = epoch
             if best is not None:
                 score = _score(hook, val, teacher_val, batch_size)
                 record.val_loss, record.val_agreement = score
                 if score[1] is not None:
                     held_back = {"held-back": _percent(score[1])}
-                if _better(score, best):
+                if _better(score, best, monitor):
                     best, best_epoch, best_state = score, epoch, _snapshot(hook)
             else:
                 best_epoch, best_state = epoch, _snapshot(hook)
@@ -289,12 +343,25 @@ def distill(
     model = hook.model()
     splits = []
     if before_val is not None:
-        splits.append(SplitReport("held-back", len(val), before_val, _fidelity(model, val, teacher_val, batch_size, threads)))
+        splits.append(
+            SplitReport(
+                "held-back", len(val), before_val, _fidelity(model, val, teacher_val, batch_size, threads)
+            )
+        )
     if extra is not None and before_extra is not None:
         after_extra = _fidelity(model, extra, teacher_extra, batch_size, threads)
         splits.append(SplitReport("eval", len(extra), before_extra, after_extra))
-    return DistillResult(model, epochs_run, best_epoch, stopped_early, len(train), len(val),
-                         time.perf_counter() - started, history, splits)  # fmt: skip
+    return DistillResult(
+        model,
+        epochs_run,
+        best_epoch,
+        stopped_early,
+        len(train),
+        len(val),
+        time.perf_counter() - started,
+        history,
+        splits,
+    )
 
 
 def _check_options(*, epochs: int, lr: float, batch_size: int, val_fraction: float, patience: int) -> None:
@@ -312,7 +379,7 @@ def _check_options(*, epochs: int, lr: float, batch_size: int, val_fraction: flo
 
 def _split(data: Arrays, val_fraction: float, seed: int) -> tuple[Arrays, Arrays]:
     order = np.random.default_rng(seed).permutation(len(data))
-    n_val = int(round(len(data) * val_fraction))
+    n_val = round(len(data) * val_fraction)
     if val_fraction > 0 and len(data) > 1:
         n_val = max(n_val, 1)
     if n_val >= len(data):
@@ -324,8 +391,18 @@ def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _train_epoch(hook: DistillationHook, optimizer: torch.optim.Optimizer, train: Arrays, teacher: list[np.ndarray],
-                 batch_size: int, rng: np.random.Generator, epoch: int, bar: tqdm, extra: dict[str, str]) -> EpochRecord:
+def _train_epoch(
+    hook: DistillationHook,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    train: Arrays,
+    teacher: list[np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator,
+    epoch: int,
+    bar: tqdm,
+    extra: dict[str, str],
+) -> EpochRecord:
     """One pass over ``train`` in a seeded order; the bar shows loss and teacher agreement."""
     started = time.perf_counter()
     order = rng.permutation(len(train))
@@ -340,12 +417,18 @@ def _train_epoch(hook: DistillationHook, optimizer: torch.optim.Optimizer, train
         terms = hook.losses(batch, [t[part] for t in targets])
         terms.total.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         rows = len(terms.teacher_outputs[0])
         loss_sum += float(terms.total.detach()) * rows
         seen += rows
         postfix = {"loss": f"{loss_sum / seen:.4f}"}
         if classify:
-            agree += int(np.sum(_top1(terms.student_outputs[0].detach().cpu().numpy()) == _top1(terms.teacher_outputs[0])))
+            agree += int(
+                np.sum(
+                    _top1(terms.student_outputs[0].detach().cpu().numpy()) == _top1(terms.teacher_outputs[0])
+                )
+            )
             postfix["agree"] = _percent(agree / seen)
         bar.set_postfix({**postfix, **extra}, refresh=False)
         bar.update(rows)

@@ -59,7 +59,9 @@ def distillation_loss(
         if kind == "regression":
             total = total + F.mse_loss(s.float(), t.float())
         else:
-            total = total + soft_target_loss(as_logits(s.float(), kind), as_logits(t.float(), kind), temperature)
+            total = total + soft_target_loss(
+                as_logits(s.float(), kind), as_logits(t.float(), kind), temperature
+            )
     return total
 
 

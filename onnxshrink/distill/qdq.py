@@ -42,7 +42,10 @@ Policy = Literal["symmetric", "bias", "fixed"]
 #: Ops whose inputs are (activation, weight, bias): the bias scale derives from the other two.
 BIAS_OPS = {"Conv", "ConvTranspose", "Gemm", "BatchNormalization"}
 
-_QRANGE = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
+_QRANGE = {
+    np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+    for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+}
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
@@ -61,7 +64,9 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     return (centred.astype(scale.dtype) * shaped(scale)).astype(scale.dtype)
 
 
-def is_quantized_weight(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, node: NodeInfo) -> bool:
+def is_quantized_weight(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, node: NodeInfo
+) -> bool:
     """Whether a ``DequantizeLinear`` of this constant can be trained as a float parameter."""
     if q.dtype not in _QRANGE or not np.issubdtype(scale.dtype, np.floating) or node.get("block_size", 0):
         return False
@@ -83,7 +88,7 @@ class QuantizedWeight:
         scale_name, zero_point_name: the node's scale and zero-point initializers.
         policy: how scales follow the weights (see the module docstring).
         input_scale: ``bias`` policy: the activation scale feeding the consumer.
-        partner: ``bias`` policy: the ONNX name of the consumer's quantized weight.
+        partner: ``bias`` policy: the consumer's quantized weight.
     """
 
     node: NodeInfo
@@ -118,7 +123,9 @@ class QuantizedWeight:
 
     # ----------------------------------------------------------------- forward
 
-    def current_scale(self, w: Tensor, values: dict[str, Tensor], unchanged: frozenset[str] = frozenset()) -> Tensor:
+    def current_scale(
+        self, w: Tensor, values: dict[str, Tensor], unchanged: frozenset[str] = frozenset()
+    ) -> Tensor:
         """The scale the weights ``w`` quantize with (detached, shaped like the stored scale).
 
         ``unchanged`` names weights still at their loaded values: on export they keep their
@@ -128,9 +135,12 @@ class QuantizedWeight:
         if self.policy == "fixed" or self.name in unchanged and self.policy == "symmetric":
             return old
         if self.policy == "bias":
-            assert self.partner is not None and self.input_scale is not None
+            if self.partner is None or self.input_scale is None:  # set together by choose_policy
+                raise RuntimeError(f"bias '{self.name}' has no weight or input scale")
             w_scale = self.partner.current_scale(values[self.partner.name], values, unchanged)
-            return (values[self.input_scale].detach().to(w.dtype).reshape(()) * w_scale).reshape(self.scale.shape)
+            return (values[self.input_scale].detach().to(w.dtype).reshape(()) * w_scale).reshape(
+                self.scale.shape
+            )
         w = w.detach()
         if self.scale.size == 1:
             amax = w.abs().amax().reshape(self.scale.shape)
@@ -154,7 +164,9 @@ class QuantizedWeight:
 
     # ----------------------------------------------------------------- export
 
-    def quantize(self, w: Tensor, values: dict[str, Tensor], unchanged: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+    def quantize(
+        self, w: Tensor, values: dict[str, Tensor], unchanged: frozenset[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(integers, scale) to store for the float weights ``w``."""
         with torch.no_grad():
             scale = self.current_scale(w, values, unchanged)
@@ -166,8 +178,14 @@ class QuantizedWeight:
             return True
         return self.policy == "bias" and self.partner is not None and self.partner.name not in unchanged
 
-    def write(self, model: onnx.ModelProto, w: Tensor, values: dict[str, Tensor], unchanged: frozenset[str],
-              tensors: dict[str, onnx.TensorProto]) -> None:
+    def write(
+        self,
+        model: onnx.ModelProto,
+        w: Tensor,
+        values: dict[str, Tensor],
+        unchanged: frozenset[str],
+        tensors: dict[str, onnx.TensorProto],
+    ) -> None:
         """Store ``w`` into ``model`` as integers, with a new scale when it changed."""
         q, scale = self.quantize(w, values, unchanged)
         tensors[self.name].CopyFrom(numpy_helper.from_array(q, self.name))
@@ -175,7 +193,9 @@ class QuantizedWeight:
             _write_scale(model, self, scale, tensors)
 
 
-def _write_scale(model: onnx.ModelProto, qw: QuantizedWeight, scale: np.ndarray, tensors: dict[str, onnx.TensorProto]) -> None:
+def _write_scale(
+    model: onnx.ModelProto, qw: QuantizedWeight, scale: np.ndarray, tensors: dict[str, onnx.TensorProto]
+) -> None:
     """Write the new scale, under a fresh name when other nodes share the old initializer."""
     users = sum(1 for n in model.graph.node for i in n.input if i == qw.scale_name)
     name = qw.scale_name
@@ -194,9 +214,19 @@ def _write_scale(model: onnx.ModelProto, qw: QuantizedWeight, scale: np.ndarray,
     tensors[name].CopyFrom(numpy_helper.from_array(scale.reshape(qw.scale.shape), name))
 
 
-def choose_policy(qw: QuantizedWeight, consumer: NodeInfo | None, position: int,
-                  partner: QuantizedWeight | None, input_scale: tuple[str, np.ndarray] | None) -> None:
-    """Set ``qw.policy`` (and its partner/input scale for biases) from how the weight is used."""
+def choose_policy(
+    qw: QuantizedWeight,
+    q: np.ndarray,
+    consumer: NodeInfo | None,
+    position: int,
+    partner: QuantizedWeight | None,
+    input_scale: tuple[str, np.ndarray] | None,
+) -> None:
+    """Set ``qw.policy`` (and its partner/input scale for biases) from how the weight is used.
+
+    ``q`` is the stored integer weight: one that uses the type's most negative value (-128)
+    was not quantized symmetrically, and keeps its scale.
+    """
     zero = qw.zero_point is None or not np.any(qw.zero_point)
     if (
         qw.qdtype == np.int32
@@ -206,11 +236,14 @@ def choose_policy(qw: QuantizedWeight, consumer: NodeInfo | None, position: int,
         and partner is not None
         and partner.policy == "symmetric"
         and input_scale is not None
+        and input_scale[1].size == 1
         and zero
     ):
         expected = input_scale[1].reshape(()).astype(np.float64) * partner.scale.astype(np.float64)
-        if expected.size == qw.scale.size and np.allclose(expected.reshape(-1), qw.scale.reshape(-1), rtol=1e-5, atol=0):
+        if expected.size == qw.scale.size and np.allclose(
+            expected.reshape(-1), qw.scale.reshape(-1), rtol=1e-5, atol=0
+        ):
             qw.policy, qw.partner, qw.input_scale = "bias", partner, input_scale[0]
             return
-    if qw.qdtype in (np.int8, np.int16) and zero:
+    if qw.qdtype in (np.int8, np.int16) and zero and (q.size == 0 or q.min() > _QRANGE[qw.qdtype][0]):
         qw.policy = "symmetric"

@@ -50,20 +50,21 @@ class TensorStats:
     count: int = 0
 
     def update(self, x: np.ndarray, *, histogram: bool) -> None:
+        """Fold a whole tensor in (min and max exact; the histogram from a subsample)."""
         if x.size == 0:
             return
         x = np.asarray(x).reshape(-1)
-        lo, hi = float(x.min()), float(x.max())
+        sample = x[:: x.size // HISTOGRAM_SAMPLE] if x.size > HISTOGRAM_SAMPLE else x
+        self.update_summary(float(x.min()), float(x.max()), sample if histogram else None)
+
+    def update_summary(self, lo: float, hi: float, sample: np.ndarray | None) -> None:
+        """Fold in a tensor's exact min and max and, for histograms, a subsample of it."""
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise DataError("an activation became NaN or infinite during calibration")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.count += x.size
-        if not histogram:
+        self.count += 1
+        if sample is None or sample.size == 0:
             return
-        if x.size > HISTOGRAM_SAMPLE:
-            # The shape of the distribution needs far fewer values than a feature map has;
-            # min and max above are still exact.
-            x = x[:: x.size // HISTOGRAM_SAMPLE]
         amax = max(abs(lo), abs(hi))
         if self.hist is None:
             self.radius = amax if amax > 0 else 1e-8
@@ -74,7 +75,8 @@ class TensorStats:
             self.hist = np.zeros(BINS, dtype=np.int64)
             self.hist[BINS // 4 : 3 * BINS // 4] = merged
             self.radius *= 2.0
-        idx = ((x.astype(np.float32, copy=False) + np.float32(self.radius)) * np.float32(BINS / (2.0 * self.radius))).astype(np.intp)
+        x = sample.reshape(-1).astype(np.float32, copy=False)
+        idx = ((x + np.float32(self.radius)) * np.float32(BINS / (2.0 * self.radius))).astype(np.intp)
         np.clip(idx, 0, BINS - 1, out=idx)
         self.hist += np.bincount(idx, minlength=BINS)
 
@@ -100,14 +102,51 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in names:
-        if name not in existing:
-            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return augmented
+def _summarizing_model(model: onnx.ModelProto, names: list[str], *, histogram: bool) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str | None]]]:
+    """A copy of ``model`` that outputs, for every tensor in ``names``, its min, its max and
+    (for histograms) a strided subsample of at most ~HISTOGRAM_SAMPLE values.
+
+    onnxruntime computes these small summaries in place, so no activation is copied out
+    and its memory planner can still reuse buffers: calibration memory is that of one
+    inference, whatever the model's depth.
+    """
+    from onnx import numpy_helper
+
+    summary = onnx.ModelProto()
+    summary.CopyFrom(model)
+    graph = summary.graph
+    prefix = "__onnxshrink_calib"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_flat"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_zero"),
+        numpy_helper.from_array(np.array([2**62], np.int64), f"{prefix}_end"),
+        numpy_helper.from_array(np.array(HISTOGRAM_SAMPLE, np.int64), f"{prefix}_sample"),
+        numpy_helper.from_array(np.array(1, np.int64), f"{prefix}_one"),
+    ])
+    outputs: dict[str, tuple[str, str, str | None]] = {}
+    for i, name in enumerate(names):
+        p = f"{prefix}_{i}"
+        nodes = [
+            helper.make_node("ReduceMin", [name], [f"{p}_min"], keepdims=0),
+            helper.make_node("ReduceMax", [name], [f"{p}_max"], keepdims=0),
+        ]
+        sub = None
+        if histogram:
+            sub = f"{p}_sub"
+            nodes += [
+                helper.make_node("Reshape", [name, f"{prefix}_flat"], [f"{p}_flat"]),
+                helper.make_node("Size", [name], [f"{p}_size"]),
+                helper.make_node("Div", [f"{p}_size", f"{prefix}_sample"], [f"{p}_ratio"]),
+                helper.make_node("Max", [f"{p}_ratio", f"{prefix}_one"], [f"{p}_step0"]),
+                helper.make_node("Reshape", [f"{p}_step0", f"{prefix}_flat"], [f"{p}_step"]),
+                helper.make_node("Slice", [f"{p}_flat", f"{prefix}_zero", f"{prefix}_end", f"{prefix}_zero", f"{p}_step"], [sub]),
+            ]
+        graph.node.extend(nodes)
+        for out in (f"{p}_min", f"{p}_max", sub):
+            if out:
+                graph.output.append(helper.make_empty_tensor_value_info(out))
+        outputs[name] = (f"{p}_min", f"{p}_max", sub)
+    return summary, outputs
 
 
 @dataclass
@@ -135,9 +174,10 @@ def collect_stats(
     """
     names = tensors if tensors is not None else float_activations(model)
     graph_outputs = [o.name for o in model.graph.output]
-    session = make_session(_augmented(model, names), threads=None, optimization="basic")
+    summary, summaries = _summarizing_model(model, names, histogram=histogram)
+    session = make_session(summary, threads=None, optimization="basic", memory_arena=False)
+    del summary
     out_names = [o.name for o in session.get_outputs()]
-    wanted = set(names)
     stats = {name: TensorStats() for name in names}
     recorded: list[list[np.ndarray]] = []
     labels: list[int | None] = []
@@ -155,9 +195,8 @@ def collect_stats(
         values = dict(zip(out_names, session.run(out_names, sample.feeds)))
         if observe:
             calibrated += 1
-            for name in wanted:
-                if name in values:
-                    stats[name].update(values[name], histogram=histogram)
+            for name, (lo, hi, sub) in summaries.items():
+                stats[name].update_summary(float(values[lo]), float(values[hi]), values[sub] if sub else None)
         if keep:
             recorded.append([values[o] for o in graph_outputs])
             labels.append(sample.label)

@@ -34,7 +34,7 @@ from onnxshrink.quantize.calibrate import choose_range, collect_stats
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
 from onnxshrink.quantize.sensitivity import NodeSensitivity, node_sensitivity
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import make_session, release_memory
 from onnxshrink.stats import count_macs
 from onnxshrink.verify import Fidelity, FidelityMeter
 
@@ -226,6 +226,7 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     prepared, prep_report = prepare(model, checks)
     ensure_node_names(prepared)
+    release_memory()
 
     # One pass over the data: statistics on the calibration samples, fp32 outputs (of the
     # prepared model, equal to the original's within 1e-4) on the evaluation samples.
@@ -242,6 +243,7 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels)
     del calibration
+    release_memory()
 
     classify = bool(evaluate.reference) and evaluate.reference[0][0].ndim == 2 and evaluate.reference[0][0].shape[1] > 1
     target = _target(config, classify)

@@ -8,6 +8,7 @@ go to torch's ``padding=``; asymmetric ones (and ``auto_pad=SAME_*``) are applie
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,10 @@ def conv_transpose(node: NodeInfo, x: Tensor, w: Tensor, b: Tensor | None = None
     dilations = list(node.get("dilations", [1] * n))
     out_pad = list(node.get("output_padding", [0] * n))
     spatial = list(x.shape[2:])
-    full = [s * (i - 1) + o + (k - 1) * d + 1 for s, i, o, k, d in zip(strides, spatial, out_pad, kernel, dilations)]
+    full = [
+        s * (i - 1) + o + (k - 1) * d + 1
+        for s, i, o, k, d in zip(strides, spatial, out_pad, kernel, dilations)
+    ]
     auto_pad = node.get("auto_pad", "NOTSET")
     if "output_shape" in node.attrs or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(node.get("output_shape", [i * s for i, s in zip(spatial, strides)]))[-n:]
@@ -139,7 +143,9 @@ def _channel_shape(x: Tensor) -> list[int]:
 
 
 @register("BatchNormalization", weights=(1, 2))
-def batch_norm(node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor) -> Tensor | tuple[Tensor, ...]:
+def batch_norm(
+    node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor
+) -> Tensor | tuple[Tensor, ...]:
     # Inference semantics always (running statistics), even in opsets with training_mode:
     # fine-tuning a deployed graph must not move its statistics.
     eps = float(node.get("epsilon", 1e-5))
@@ -158,7 +164,9 @@ def instance_norm(node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor) -> Ten
 
 
 @register("LayerNormalization", weights=(1, 2))
-def layer_norm(node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+def layer_norm(
+    node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor | None = None
+) -> Tensor | tuple[Tensor, ...]:
     axis = int(node.get("axis", -1))
     axis = axis + x.dim() if axis < 0 else axis
     shape = list(x.shape[axis:])
@@ -174,7 +182,9 @@ def layer_norm(node: NodeInfo, x: Tensor, scale: Tensor, bias: Tensor | None = N
 # --------------------------------------------------------------------------- pooling
 
 
-def _pool_geometry(node: NodeInfo, x: Tensor) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
+def _pool_geometry(
+    node: NodeInfo, x: Tensor
+) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
     """(kernel, strides, dilations, pads_begin, pads_end, ceil_extra) per spatial axis.
 
     ``ceil_extra`` holds the cells ``ceil_mode`` adds after the end pads: windows may cover
@@ -298,30 +308,32 @@ def gelu(node: NodeInfo, x: Tensor) -> Tensor:
     return F.gelu(x, approximate=node.get("approximate", "none"))
 
 
-def _coerced_2d(node: NodeInfo, x: Tensor, fn: str) -> Tensor:
+def _coerced_2d(node: NodeInfo, x: Tensor, fn: Callable[..., Tensor]) -> Tensor:
     """Softmax before opset 13: flatten to 2-D at ``axis`` (default 1) and normalise rows."""
     axis = int(node.get("axis", 1))
     axis = axis + x.dim() if axis < 0 else axis
     flat = x.reshape(math.prod(x.shape[:axis]), -1)
-    return getattr(torch, fn)(flat, dim=1).reshape(x.shape)
+    return fn(flat, dim=1).reshape(x.shape)
 
 
 @register("Softmax")
 def softmax(node: NodeInfo, x: Tensor) -> Tensor:
     if node.opset < 13:
-        return _coerced_2d(node, x, "softmax")
+        return _coerced_2d(node, x, torch.softmax)
     return torch.softmax(x, dim=int(node.get("axis", -1)))
 
 
 @register("LogSoftmax")
 def log_softmax(node: NodeInfo, x: Tensor) -> Tensor:
     if node.opset < 13:
-        return _coerced_2d(node, x, "log_softmax")
+        return _coerced_2d(node, x, torch.log_softmax)
     return torch.log_softmax(x, dim=int(node.get("axis", -1)))
 
 
 @register("Dropout")
-def dropout(node: NodeInfo, x: Tensor, ratio: Tensor | None = None, training: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def dropout(
+    node: NodeInfo, x: Tensor, ratio: Tensor | None = None, training: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
     # Always inference semantics: distillation fine-tunes the deployed graph.
     if len(node.outputs) > 1 and node.outputs[1]:
         return x, tensor_like(True, x, torch.bool).expand(x.shape)

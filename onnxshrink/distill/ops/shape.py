@@ -7,13 +7,22 @@ the graph runs eagerly, so dynamic shapes work exactly as in onnxruntime.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onnxshrink.distill.ops._registry import TORCH_DTYPES, NodeInfo, ints, norm_axis, register, tensor_like, to_torch
+from onnxshrink.distill.ops._registry import (
+    TORCH_DTYPES,
+    NodeInfo,
+    ints,
+    norm_axis,
+    register,
+    tensor_like,
+    to_torch,
+)
 
 _INT64_MAX = 2**63 - 1
 
@@ -30,7 +39,13 @@ def constant(node: NodeInfo) -> Tensor:
 
 def constant_value(node: NodeInfo) -> np.ndarray:
     """The value a ``Constant`` node holds."""
-    kinds = {"value": None, "value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    kinds = {
+        "value": None,
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
     for key, dtype in kinds.items():
         if key in node.attrs:
             return np.asarray(node.attrs[key], dtype=dtype)
@@ -189,7 +204,11 @@ def range_(node: NodeInfo, start: Tensor, limit: Tensor, delta: Tensor) -> Tenso
 
 @register("Pad")
 def pad(
-    node: NodeInfo, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None, axes: Tensor | None = None
+    node: NodeInfo,
+    x: Tensor,
+    pads: Tensor | None = None,
+    value: Tensor | None = None,
+    axes: Tensor | None = None,
 ) -> Tensor:
     if node.opset < 11:
         amounts, fill = list(node.get("pads")), float(node.get("value", 0.0))
@@ -239,7 +258,7 @@ def _source_coords(mode: str, n_out: int, n_in: int, scale: float, device: torch
     raise ValueError(mode)
 
 
-_ROUNDING = {
+_ROUNDING: dict[str, Callable[[Tensor], Tensor]] = {
     "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
     "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
     "floor": torch.floor,
@@ -249,7 +268,11 @@ _ROUNDING = {
 
 @register("Resize")
 def resize(
-    node: NodeInfo, x: Tensor, roi: Tensor | None = None, scales: Tensor | None = None, sizes: Tensor | None = None
+    node: NodeInfo,
+    x: Tensor,
+    roi: Tensor | None = None,
+    scales: Tensor | None = None,
+    sizes: Tensor | None = None,
 ) -> Tensor:
     if node.opset < 11:
         raise node.unsupported("Resize before opset 11")
@@ -259,7 +282,9 @@ def resize(
     if mode not in ("nearest", "linear"):
         raise node.unsupported(f"Resize mode {mode!r}")
     if coord_mode == "tf_crop_and_resize" or nearest_mode not in _ROUNDING:
-        raise node.unsupported(f"coordinate_transformation_mode={coord_mode!r}, nearest_mode={nearest_mode!r}")
+        raise node.unsupported(
+            f"coordinate_transformation_mode={coord_mode!r}, nearest_mode={nearest_mode!r}"
+        )
     if node.get("antialias", 0) or node.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise node.unsupported("antialias / keep_aspect_ratio_policy")
     axes = [norm_axis(a, x.dim()) for a in node.get("axes", range(x.dim()))]
@@ -268,7 +293,7 @@ def resize(
         factors = [o / x.shape[a] for a, o in zip(axes, out_sizes)]
     else:
         factors = [float(s) for s in scales.reshape(-1).tolist()] if scales is not None else []
-        out_sizes = [int(math.floor(x.shape[a] * s)) for a, s in zip(axes, factors)]
+        out_sizes = [math.floor(x.shape[a] * s) for a, s in zip(axes, factors)]
     for axis, n_out, scale in zip(axes, out_sizes, factors):
         n_in = x.shape[axis]
         if n_out == n_in and scale == 1.0:
