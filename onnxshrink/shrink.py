@@ -25,9 +25,11 @@ from onnxshrink.errors import ConfigError, ShrinkError
 from onnxshrink.modelio import check_output_path, load_model, save_model
 from onnxshrink.prune import (
     ChannelPruneConfig,
+    LayerSensitivity,
     MagnitudePruneConfig,
     MagnitudePruneReport,
     PruneReport,
+    magnitude_sensitivity,
     prune_channels,
     prune_magnitude,
     recalibrate_batchnorm,
@@ -106,6 +108,7 @@ class ShrinkOutcome:
     int8: Int8Result | None
     pruning: list[PruneReport]
     fidelity: Fidelity | None  # end to end against the original (when pruning changed it)
+    magnitude_sensitivity: list[LayerSensitivity]
     fidelity_on_random: bool
     latency: LatencyComparison | None
     wall_seconds: float
@@ -129,6 +132,7 @@ class ShrinkOutcome:
             "parameters": {"before": self.params_before, "after": self.params_after},
             "pruning": [r.to_json() for r in self.pruning],
             "fidelity": self.fidelity.to_json() if self.fidelity else None,
+            "magnitude_sensitivity": [s.to_json() for s in self.magnitude_sensitivity],
             "fidelity_on_random_inputs": self.fidelity_on_random,
             "int8": self.int8.to_json() if self.int8 else None,
             "latency": self.latency.to_json() if self.latency else None,
@@ -201,6 +205,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
     steps: list[str] = []
     warnings: list[str] = []
     pruning: list[PruneReport] = []
+    sensitivity: list[LayerSensitivity] = []
     current = original
     if options.prunes:
         current = onnx.ModelProto()
@@ -209,6 +214,10 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
             pruning.append(prune_channels(current, options.channels))
             steps.append("prune.channels")
         if options.magnitude is not None:
+            if options.magnitude.sparsity is not None and not on_random:
+                # Before pruning: where would this sparsity hurt, layer by layer?
+                probe = dataset.take(min(len(dataset), _SENSITIVITY_SAMPLES))
+                sensitivity = magnitude_sensitivity(current, probe, options.magnitude.sparsity, exclude=options.magnitude.exclude, threads=None)
             pruning.append(prune_magnitude(current, options.magnitude))
             steps.append("prune.magnitude")
         if _should_recalibrate(options, current, on_random):
@@ -251,6 +260,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
         int8=int8_result,
         pruning=pruning,
         fidelity=fidelity,
+        magnitude_sensitivity=sensitivity,
         fidelity_on_random=on_random,
         latency=latency,
         wall_seconds=convert_seconds,
@@ -260,6 +270,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
 
 
 _RECALIBRATION_SAMPLES = 256
+_SENSITIVITY_SAMPLES = 32
 
 
 def _should_recalibrate(options: ShrinkOptions, model: onnx.ModelProto, on_random: bool) -> bool:

@@ -179,13 +179,17 @@ def test_magnitude_zeros_survive_int8(tmp_path, capsys):
     from onnx import numpy_helper
 
     out = tmp_path / "sparse.int8.onnx"
-    code, _, err = run_main(
+    code, stdout, err = run_main(
         ["shrink", str(SAMPLES / "plain_cnn.onnx"), "-o", str(out), "--calib", str(SAMPLES / "digits_calib.npz"),
-         "--prune-magnitude", "0.5", "--no-timing"],
+         "--prune-magnitude", "0.5", "--no-timing", "--json"],
         capsys,
     )
     assert code == 0, err
     assert "no speed-up" in err
+    doc = json.loads(stdout)
+    layers = doc["magnitude_sensitivity"]
+    assert len(layers) >= 4 and all(0 < x["fidelity"]["sqnr_db"] for x in layers)
+    assert doc["fidelity"]["top1_agreement"] >= 0.97
     model = onnx.load(str(out))
     int8_weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
     zeros = sum(int((w == 0).sum()) for w in int8_weights)

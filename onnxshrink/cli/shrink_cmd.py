@@ -199,6 +199,16 @@ def render(o: ShrinkOutcome) -> str:
         lines += [section("End-to-end fidelity vs the original"), format_pairs(rows2)]
     for report in o.pruning:
         lines += [section("Pruning"), report.render()]
+    if o.magnitude_sensitivity:
+        sens = sorted(o.magnitude_sensitivity, key=lambda x: x.fidelity.sqnr_db)
+        rows3 = [
+            (x.weight, x.op_type, f"{x.params:,}", f"{x.fidelity.sqnr_db:.1f}", _pct(x.fidelity.top1_agreement))
+            for x in sens[:12]
+        ]
+        lines += [
+            section(f"Per-layer sensitivity to {100 * sens[0].sparsity:.0f}% magnitude pruning (each layer alone, most sensitive first)"),
+            format_table(rows3, ["weight", "op", "params", "SQNR dB", "top-1 agr."], align="llrrr"),
+        ]
     if o.int8:
         r = o.int8
         f = r.fidelity
