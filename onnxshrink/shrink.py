@@ -237,7 +237,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
     _stamp_metadata(current, steps)
     save_model(current, output_path, input_path=model_path)
     convert_seconds = time.perf_counter() - start
-    convert_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    convert_rss = peak_rss_mb()
     latency = None
     if options.measure_latency:
         provider = options.int8.provider
@@ -267,6 +267,23 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
         peak_rss_mb=convert_rss,
         warnings=warnings,
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    ``VmHWM`` belongs to the current address space; ``ru_maxrss`` would also count a parent's
+    memory inherited across fork and exec (a CLI started by a large process reports the
+    parent's size).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 _RECALIBRATION_SAMPLES = 256
