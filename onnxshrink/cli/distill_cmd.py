@@ -101,6 +101,15 @@ DATA_HELP = "a .npz (keys = input names, optional 'labels'), a folder of .npz, a
     help="Epochs without held-back improvement before stopping (0: never).",
 )
 @click.option(
+    "--mixup",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="ALPHA",
+    help="Train on blends of input pairs (weight ~ Beta(ALPHA, ALPHA)) labelled by the teacher; "
+    "helps small data sets. 0: off.",
+)
+@click.option(
     "--schedule",
     type=click.Choice(["cosine", "constant"]),
     default="cosine",
@@ -139,6 +148,7 @@ def distill(
     seed: int,
     val_fraction: float,
     patience: int,
+    mixup: float,
     schedule: str,
     monitor: str,
     threads: int,
@@ -184,6 +194,7 @@ def distill(
         patience=patience,
         monitor="agreement" if monitor == "agreement" else "loss",
         schedule="constant" if schedule == "constant" else "cosine",
+        mixup=mixup,
         eval_dataset=eval_dataset,
         threads=threads,
         progress=not as_json and sys.stderr.isatty(),

@@ -3,8 +3,9 @@
 1. The data set is read once into memory and split (seeded) into a training part and a
    held-back part of ``val_fraction``; the teacher's outputs are computed once (onnxruntime).
 2. Adam trains the student through :class:`DistillationHook`, batch by batch (learning rate
-   decayed to 0 over the epochs on a cosine by default), with a tqdm bar showing the running
-   loss and top-1 agreement with the teacher.
+   decayed to 0 over the epochs on a cosine by default; optionally on mixup blends of the
+   inputs, which the teacher labels afresh), with a tqdm bar showing the running loss and
+   top-1 agreement with the teacher.
 3. After every epoch the held-back part is scored on the distillation loss (default) or on
    top-1 agreement with the teacher (``monitor="agreement"``, class-score outputs only),
    ties going to the other measure. The best weights so far are kept, the untrained ones
@@ -245,6 +246,7 @@ def distill(
     val_fraction: float = 0.1,
     patience: int = 3,
     monitor: Monitor = "loss",
+    mixup: float = 0.0,
     eval_dataset: Iterable[Sample] | None = None,
     threads: int | None = 1,
     progress: bool = True,
@@ -268,6 +270,11 @@ def distill(
             smooth even on a few hundred samples) or ``"agreement"`` (top-1 agreement with
             the teacher, for class-score outputs; coarse on small splits). Ties go to the
             other measure.
+        mixup: if > 0, blend every training batch with a shuffled copy of itself,
+            ``x = lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(mixup, mixup)``, and let
+            the teacher label the blend (run per batch instead of cached). The student then
+            sees far more points of the teacher's function than the data set holds, which
+            curbs over-fitting on small data sets. Not combinable with ``use_labels``.
         eval_dataset: an extra data set, only scored before and after.
         threads: torch and onnxruntime threads (``None``: their defaults).
         progress: show a tqdm progress bar on stderr.
@@ -278,6 +285,10 @@ def distill(
     _check_options(epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, patience=patience)
     if monitor not in ("loss", "agreement"):
         raise ConfigError(f"monitor must be 'loss' or 'agreement', not {monitor!r}")
+    if mixup < 0:
+        raise ConfigError(f"mixup must be >= 0, not {mixup}")
+    if mixup and use_labels:
+        raise ConfigError("mixup blends inputs, so their labels no longer apply: use one or the other")
     if schedule not in ("cosine", "constant"):
         raise ConfigError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     started = time.perf_counter()
@@ -318,12 +329,10 @@ def distill(
         best = _score(hook, val, teacher_val, batch_size) if len(val) else None
         best_state = _snapshot(hook)
         held_back = {"held-back": _percent(best[1])} if best is not None and best[1] is not None else {}
-        rng = np.random.default_rng(seed)
+        trainer = _Trainer(hook, optimizer, scheduler, batch_size, np.random.default_rng(seed), mixup)
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}")
-            record = _train_epoch(
-                hook, optimizer, scheduler, train, teacher_train, batch_size, rng, epoch, bar, held_back
-            )
+            record = trainer.epoch(train, teacher_train, epoch, bar, held_back)
             epochs_run = epoch
             if best is not None:
                 score = _score(hook, val, teacher_val, batch_size)
@@ -391,48 +400,61 @@ def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _train_epoch(
-    hook: DistillationHook,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    train: Arrays,
-    teacher: list[np.ndarray],
-    batch_size: int,
-    rng: np.random.Generator,
-    epoch: int,
-    bar: tqdm,
-    extra: dict[str, str],
-) -> EpochRecord:
-    """One pass over ``train`` in a seeded order; the bar shows loss and teacher agreement."""
-    started = time.perf_counter()
-    order = rng.permutation(len(train))
-    shuffled, targets = train.take(order), [t[order] for t in teacher]
-    loss_sum, agree, seen = 0.0, 0, 0
-    classify = hook.kinds is not None and hook.kinds[0] != "regression"
-    for part, feeds, labels in shuffled.batches(batch_size):
-        batch: dict[str, Any] = dict(feeds)
-        if labels is not None:
-            batch[LABELS_KEY] = labels
-        optimizer.zero_grad(set_to_none=True)
-        terms = hook.losses(batch, [t[part] for t in targets])
-        terms.total.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        rows = len(terms.teacher_outputs[0])
-        loss_sum += float(terms.total.detach()) * rows
-        seen += rows
-        postfix = {"loss": f"{loss_sum / seen:.4f}"}
-        if classify:
-            agree += int(
-                np.sum(
-                    _top1(terms.student_outputs[0].detach().cpu().numpy()) == _top1(terms.teacher_outputs[0])
-                )
-            )
-            postfix["agree"] = _percent(agree / seen)
-        bar.set_postfix({**postfix, **extra}, refresh=False)
-        bar.update(rows)
-    return EpochRecord(epoch, loss_sum / max(seen, 1), None, None, time.perf_counter() - started)
+@dataclass
+class _Trainer:
+    """The optimizer side of a run: one call of :meth:`epoch` per pass over the data."""
+
+    hook: DistillationHook
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    batch_size: int
+    rng: np.random.Generator
+    mixup: float = 0.0
+
+    def _mixed(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Blend the batch with a shuffled copy of itself (float inputs only)."""
+        lam = float(self.rng.beta(self.mixup, self.mixup))
+        perm = self.rng.permutation(len(next(iter(feeds.values()))))
+        return {
+            k: (lam * v + (1.0 - lam) * v[perm]).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+            for k, v in feeds.items()
+        }
+
+    def epoch(
+        self, train: Arrays, teacher: list[np.ndarray], epoch: int, bar: tqdm, extra: dict[str, str]
+    ) -> EpochRecord:
+        """One pass over ``train`` in a seeded order; the bar shows loss and teacher agreement."""
+        started = time.perf_counter()
+        order = self.rng.permutation(len(train))
+        shuffled, targets = train.take(order), [t[order] for t in teacher]
+        loss_sum, agree, seen = 0.0, 0, 0
+        hook = self.hook
+        classify = hook.kinds is not None and hook.kinds[0] != "regression"
+        for part, feeds, labels in shuffled.batches(self.batch_size):
+            batch: dict[str, Any] = dict(feeds)
+            if labels is not None:
+                batch[LABELS_KEY] = labels
+            # Mixed inputs are new points of the teacher's function: it labels them afresh.
+            cached = [t[part] for t in targets]
+            if self.mixup:
+                batch, cached = {**batch, **self._mixed(feeds)}, None
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = hook.losses(batch, cached)
+            terms.total.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            rows = len(terms.teacher_outputs[0])
+            loss_sum += float(terms.total.detach()) * rows
+            seen += rows
+            postfix = {"loss": f"{loss_sum / seen:.4f}"}
+            if classify:
+                student_top1 = _top1(terms.student_outputs[0].detach().cpu().numpy())
+                agree += int(np.sum(student_top1 == _top1(terms.teacher_outputs[0])))
+                postfix["agree"] = _percent(agree / seen)
+            bar.set_postfix({**postfix, **extra}, refresh=False)
+            bar.update(rows)
+        return EpochRecord(epoch, loss_sum / max(seen, 1), None, None, time.perf_counter() - started)
 
 
 def _describe(record: EpochRecord) -> str:

@@ -65,7 +65,7 @@ def max_relative_error(reference: list[list[np.ndarray]], candidate: list[list[n
 
 
 def outputs_on(model: onnx.ModelProto, samples: list[Sample]) -> list[list[np.ndarray]]:
-    session = make_session(model, threads=None)
+    session = make_session(model, threads=1)
     return [session.run(None, s.feeds) for s in samples]
 
 

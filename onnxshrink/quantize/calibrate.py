@@ -175,7 +175,7 @@ def collect_stats(
     names = tensors if tensors is not None else float_activations(model)
     graph_outputs = [o.name for o in model.graph.output]
     summary, summaries = _summarizing_model(model, names, histogram=histogram)
-    session = make_session(summary, threads=None, optimization="basic", memory_arena=False)
+    session = make_session(summary, threads=1, optimization="basic")
     del summary
     out_names = [o.name for o in session.get_outputs()]
     stats = {name: TensorStats() for name in names}

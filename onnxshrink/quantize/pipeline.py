@@ -139,7 +139,7 @@ class _Evaluator:
         self.labels = labels
 
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
-        session = make_session(candidate, threads=None)
+        session = make_session(candidate, threads=1)
         meter = FidelityMeter()
         for sample, ref, label in zip(iter_range(self.dataset, self.indices), self.reference, self.labels):
             meter.update(ref, session.run(None, sample.feeds), label)

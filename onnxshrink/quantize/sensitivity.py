@@ -72,7 +72,7 @@ def _exposed_session(model: onnx.ModelProto, names: list[str]) -> Any:
     for name in names:
         if name not in present:
             exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return make_session(exposed, threads=None, optimization="basic")
+    return make_session(exposed, threads=1, optimization="basic")
 
 
 def node_sensitivity(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[Sample]) -> list[NodeSensitivity]:
