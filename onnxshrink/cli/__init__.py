@@ -67,11 +67,12 @@ def cli(ctx: click.Context, verbose: int, quiet: int, show_traceback: bool) -> N
 
 
 def _register_commands() -> None:
-    from onnxshrink.cli import bench_cmd, inspect_cmd, shrink_cmd
+    from onnxshrink.cli import bench_cmd, distill_cmd, inspect_cmd, shrink_cmd
 
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(shrink_cmd.shrink_command, name="shrink")
     cli.add_command(bench_cmd.bench)
+    cli.add_command(distill_cmd.distill)
 
 
 _register_commands()
