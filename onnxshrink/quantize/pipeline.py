@@ -27,7 +27,7 @@ import onnx
 
 from onnxshrink.data import Dataset, Sample
 from onnxshrink.errors import DataError
-from onnxshrink.fusion import FusionReport, analyze_fusion
+from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
 from onnxshrink.passes.prepare import PrepareReport, prepare
 from onnxshrink.quantize.calibrate import choose_range, collect_stats
@@ -210,6 +210,10 @@ def remove_redundant_qdq(model: onnx.ModelProto, quantize_nodes: list[str]) -> i
     return len([n for n in drop if by_name[n].op_type == "QuantizeLinear"])
 
 
+def _unfused_macs(report: FusionReport) -> int:
+    return sum(u.macs for u in report.unfused)
+
+
 def _count_quantized(model: onnx.ModelProto) -> int:
     """Compute nodes that read at least one dequantized activation."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
@@ -258,17 +262,28 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
         fusion_excluded: list[FallbackNode] = []
         candidate = build_qdq(prepared, ranges, config, exclude=excluded)
         report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
+        ours = {n.name for n in prepared.graph.node}
+        quantizable = set(config.quantized_op_types)
+
+        def unfused_of(rep: FusionReport) -> list[UnfusedUnit]:
+            return [u for u in rep.unfused if u.node in ours and u.node not in excluded and u.op_type in quantizable]
+
         for _ in range(_FUSION_ROUNDS if config.fusion_aware else 0):
-            ours = {n.name for n in prepared.graph.node}
-            quantizable = set(config.quantized_op_types)
-            unfused = [u for u in report.unfused if u.node in ours and u.node not in excluded and u.op_type in quantizable]
+            unfused = unfused_of(report)
             if not unfused:
                 break
-            for u in unfused:
-                excluded.append(u.node)
-                fusion_excluded.append(FallbackNode(u.node, u.op_type, f"{config.provider} provider has no int8 kernel for it here (unfused)"))
-            candidate = build_qdq(prepared, ranges, config, exclude=excluded)
-            report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
+            trial_excluded = excluded + [u.node for u in unfused]
+            trial = build_qdq(prepared, ranges, config, exclude=trial_excluded)
+            trial_report = analyze_fusion(trial, provider=config.provider, macs_by_node=macs)
+            # Dropping a unit's Q/DQ can leave its neighbours unfusable in turn; keep a
+            # round only if it leaves fewer float MACs between Q/DQ than before.
+            if _unfused_macs(trial_report) > _unfused_macs(report) or len(trial_report.unfused) > len(report.unfused):
+                break
+            excluded = trial_excluded
+            fusion_excluded += [
+                FallbackNode(u.node, u.op_type, f"{config.provider} provider has no int8 kernel for it here (unfused)") for u in unfused
+            ]
+            candidate, report = trial, trial_report
         if config.fusion_aware and report.redundant_qdq_pairs:
             if remove_redundant_qdq(candidate, report.redundant_qdq_pairs):
                 report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs)
