@@ -37,7 +37,7 @@ from onnxshrink.prune import (
 from onnxshrink.quantize import Int8Config, Int8Result, quantize_int8
 from onnxshrink.quantize.pipeline import iter_range, split_samples
 from onnxshrink.runtime import make_session
-from onnxshrink.stats import count_macs
+from onnxshrink.stats import count_macs, count_parameters
 from onnxshrink.verify import Fidelity, FidelityMeter
 
 log = logging.getLogger(__name__)
@@ -156,15 +156,6 @@ def _file_size(path: Path, model: onnx.ModelProto | None = None) -> int:
     return total
 
 
-def _params(model: onnx.ModelProto) -> int:
-    import math
-
-    from onnx import TensorProto
-
-    skip = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorProto.STRING}
-    return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type not in skip)
-
-
 def compare_latency(
     baseline: onnx.ModelProto, candidate: onnx.ModelProto, dataset: Dataset, *, provider: str = "cpu", threads: int = 1, rounds: int = 30
 ) -> LatencyComparison:
@@ -201,7 +192,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
     else:
         dataset = open_dataset(options.calibration, original, options.data_options)
     macs_before = count_macs(original).total
-    params_before = _params(original)
+    params_before = count_parameters(original)
     steps: list[str] = []
     warnings: list[str] = []
     pruning: list[PruneReport] = []
@@ -255,7 +246,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
         macs_before=macs_before,
         macs_after=count_macs(current).total,
         params_before=params_before,
-        params_after=_params(current),
+        params_after=count_parameters(current),
         steps=steps,
         int8=int8_result,
         pruning=pruning,

@@ -330,6 +330,12 @@ def count_macs(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = 
     return MacCount(total, dict(by_type.most_common()), by_node, shapes_in, unresolved)
 
 
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of every non-integer tensor stored in the model (integer tensors are shape
+    and index constants, not learned parameters)."""
+    return sum(math.prod(t.dims) for t, _ in iter_tensors(model) if t.data_type not in _NON_PARAM_TYPES)
+
+
 def summarize(model: onnx.ModelProto, info: ModelInfo, *, shapes: dict[str, list[int]] | None = None) -> ModelSummary:
     """Describe a model loaded by :func:`onnxshrink.modelio.load_model`."""
     op_types: Counter[str] = Counter()
@@ -339,13 +345,8 @@ def summarize(model: onnx.ModelProto, info: ModelInfo, *, shapes: dict[str, list
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             op_types[key] += 1
             node_count += 1
-    parameters = 0
-    weight_bytes = 0
-    for tensor, _ in iter_tensors(model):
-        n = math.prod(tensor.dims)
-        if tensor.data_type not in _NON_PARAM_TYPES:
-            parameters += n
-        weight_bytes += expected_nbytes(tensor) or 0
+    parameters = count_parameters(model)
+    weight_bytes = sum(expected_nbytes(tensor) or 0 for tensor, _ in iter_tensors(model))
     return ModelSummary(
         path=str(info.path),
         ir_version=model.ir_version,

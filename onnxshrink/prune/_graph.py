@@ -8,7 +8,6 @@ BatchNorm-folded convolutions). A value counts as constant only when no node can
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -17,7 +16,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxshrink.modelio import iter_graphs
-from onnxshrink.stats import Shape, concrete_input_shapes, infer_shapes, with_input_shapes
+from onnxshrink.stats import Shape, concrete_input_shapes, count_parameters, infer_shapes, with_input_shapes  # noqa: F401 - re-exported
 
 #: Integer/bool initializers are shape and index constants, not learned parameters.
 NON_PARAM_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorProto.STRING}
@@ -42,13 +41,6 @@ def node_key(node: onnx.NodeProto, index: int) -> str:
 
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every non-integer tensor stored in the model (as ``inspect`` counts)."""
-    from onnxshrink.modelio import iter_tensors
-
-    return sum(math.prod(t.dims) for t, _ in iter_tensors(model) if t.data_type not in NON_PARAM_TYPES)
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
