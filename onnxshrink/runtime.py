@@ -67,6 +67,7 @@ def make_session(
     provider_options: dict[str, Any] | None = None,
     enable_profiling: bool = False,
     memory_arena: bool = True,
+    config_entries: dict[str, str] | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on exactly the requested provider.
 
@@ -88,6 +89,8 @@ def make_session(
     # One-off sessions (calibration with every activation exposed) are better off without
     # the arena, which keeps its peak for the session's life.
     options.enable_cpu_mem_arena = memory_arena
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
     providers: list[Any] = [(full, provider_options or {})]
     if full == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available_providers():
         providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take

@@ -102,9 +102,9 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _summarizing_model(model: onnx.ModelProto, names: list[str], *, histogram: bool) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str | None]]]:
-    """A copy of ``model`` that outputs, for every tensor in ``names``, its min, its max and
-    (for histograms) a strided subsample of at most ~HISTOGRAM_SAMPLE values.
+def _add_summaries(summary: onnx.ModelProto, names: list[str], *, histogram: bool) -> dict[str, tuple[str, str, str | None]]:
+    """Make ``summary`` also output, for every tensor in ``names``, its min, its max and (for
+    histograms) a strided subsample of at most ~HISTOGRAM_SAMPLE values (in place).
 
     onnxruntime computes these small summaries in place, so no activation is copied out
     and its memory planner can still reuse buffers: calibration memory is that of one
@@ -112,8 +112,6 @@ def _summarizing_model(model: onnx.ModelProto, names: list[str], *, histogram: b
     """
     from onnx import numpy_helper
 
-    summary = onnx.ModelProto()
-    summary.CopyFrom(model)
     graph = summary.graph
     prefix = "__onnxshrink_calib"
     graph.initializer.extend([
@@ -146,7 +144,7 @@ def _summarizing_model(model: onnx.ModelProto, names: list[str], *, histogram: b
             if out:
                 graph.output.append(helper.make_empty_tensor_value_info(out))
         outputs[name] = (f"{p}_min", f"{p}_max", sub)
-    return summary, outputs
+    return outputs
 
 
 @dataclass
@@ -174,9 +172,17 @@ def collect_stats(
     """
     names = tensors if tensors is not None else float_activations(model)
     graph_outputs = [o.name for o in model.graph.output]
-    summary, summaries = _summarizing_model(model, names, histogram=histogram)
-    session = make_session(summary, threads=1, optimization="basic")
-    del summary
+    # Summaries are added to the model itself for as long as it takes to create the session
+    # (a copy would double the weights in memory), then taken out again.
+    graph = model.graph
+    sizes = (len(graph.node), len(graph.output), len(graph.initializer))
+    try:
+        summaries = _add_summaries(model, names, histogram=histogram)
+        session = make_session(model, threads=1, optimization="basic")
+    finally:
+        del graph.node[sizes[0]:]
+        del graph.output[sizes[1]:]
+        del graph.initializer[sizes[2]:]
     out_names = [o.name for o in session.get_outputs()]
     stats = {name: TensorStats() for name in names}
     recorded: list[list[np.ndarray]] = []

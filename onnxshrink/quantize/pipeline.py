@@ -229,6 +229,7 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     prepared, prep_report = prepare(model, checks)
+    del model  # the caller may have handed over its only reference
     ensure_node_names(prepared)
     release_memory()
 
