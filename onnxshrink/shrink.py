@@ -142,18 +142,10 @@ class ShrinkOutcome:
         }
 
 
-def _file_size(path: Path, model: onnx.ModelProto | None = None) -> int:
-    from onnxshrink.modelio import external_location, iter_tensors
-
-    total = path.stat().st_size
-    if model is not None:
-        seen = set()
-        for t, _ in iter_tensors(model):
-            loc = external_location(t).get("location")
-            if loc and loc not in seen and (path.parent / loc).exists():
-                seen.add(loc)
-                total += (path.parent / loc).stat().st_size
-    return total
+def _stored_size(path: Path) -> int:
+    """Bytes on disk of a model file and its external data (read back, weights untouched)."""
+    _, info = load_model(path, load_weights=False, check=False, lift_constants=False)
+    return info.file_bytes + info.external_bytes
 
 
 def compare_latency(
@@ -248,7 +240,7 @@ def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> Shri
         input_path=str(model_path),
         output_path=str(output_path),
         size_before=info.file_bytes + info.external_bytes,
-        size_after=_file_size(output_path, current),
+        size_after=_stored_size(output_path),
         macs_before=macs_before,
         macs_after=count_macs(current).total,
         params_before=params_before,
