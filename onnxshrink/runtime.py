@@ -35,7 +35,7 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 def _ort() -> Any:
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # errors reach the user through our own one-line messages
     return ort
 
 
@@ -78,7 +78,7 @@ def make_session(
     ort = _ort()
     full = resolve_provider(provider)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -107,6 +107,7 @@ def make_session(
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime cannot load the model: {first}") from exc
+    session = GuardedSession(session)
     if full not in session.get_providers():
         # onnxruntime drops a provider whose libraries fail to load and carries on on CPU.
         raise ConfigError(
@@ -114,6 +115,24 @@ def make_session(
             "libraries?); refusing to fall back to CPU silently"
         )
     return session
+
+
+class GuardedSession:
+    """An ``InferenceSession`` whose ``run`` turns onnxruntime's failures (a model that cannot
+    run the given inputs, a shape mismatch inside the graph) into a one-line ShrinkError."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], *args: Any) -> list[np.ndarray]:
+        try:
+            return list(self._session.run(output_names, feeds, *args))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ShrinkError(f"onnxruntime failed to run the model: {text[:300]}") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 def run(session: Any, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:

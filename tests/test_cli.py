@@ -207,3 +207,26 @@ def test_prune_only_without_data_reports_random_fidelity(tmp_path, capsys):
     doc = json.loads(stdout)
     assert doc["fidelity_on_random_inputs"] is True and doc["int8"] is None
     assert "random inputs" in err
+
+
+def test_model_that_cannot_run_its_data_is_a_one_line_error(tmp_path, capsys):
+    """onnxruntime's own run-time failures become exit code 1, not an internal error."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    # Reshape to a fixed 7 elements: any real input size makes onnxruntime fail at run time.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+        [onnx.numpy_helper.from_array(np.array([7], np.int64), "shape")],
+    )
+    model = tmp_path / "m.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    code, _, err = run_main(["shrink", str(model), "-o", str(tmp_path / "o.onnx"), "--calib", "random", "--no-timing"], capsys)
+    assert code == EXIT_BAD_INPUT, err
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if not ln.startswith("onnxshrink: warning:")] == [lines[-1]]
+    assert lines[-1].startswith(f"onnxshrink: error: {model}: onnxruntime failed to run the model")
+    assert not (tmp_path / "o.onnx").exists()
