@@ -45,7 +45,7 @@ class Sample:
     """One feed for the model, and its label when the data set has one."""
 
     feeds: dict[str, np.ndarray]
-    label: int | None = None
+    label: int | np.ndarray | None = None  # an array when a feed holds a batch
 
 
 @dataclass(frozen=True)
@@ -172,27 +172,35 @@ class NpzDataset(Dataset):
         if self.has_labels and headers[LABELS_KEY][0][:1] != (self.count,):
             raise DataError(f"'{LABELS_KEY}' must have one entry per sample ({self.count})", path=self.path)
         self.headers = headers
+        # A model exported with a fixed batch B takes B samples per feed.
+        batches = {s.shape[0] for s in self.specs if s.shape and isinstance(s.shape[0], int)}
+        if len(batches) > 1:
+            raise DataError(f"the model's inputs have different fixed batch sizes {sorted(batches)}", path=self.path)
+        self.batch = batches.pop() if batches else 1
+        if self.count < self.batch:
+            raise DataError(f"holds {self.count} samples, fewer than the model's fixed batch of {self.batch}", path=self.path)
         for spec in self.specs:
             shape, _ = headers[spec.name]
-            _check_shape(spec, (1, *shape[1:]), self.path)
+            _check_shape(spec, (self.batch, *shape[1:]), self.path)
 
     def __len__(self) -> int:
-        return self.count
+        """Feeds (of ``batch`` samples each; a remainder smaller than the batch is dropped)."""
+        return self.count // self.batch
 
     def __iter__(self) -> Iterator[Sample]:
         keys = [s.name for s in self.specs] + ([LABELS_KEY] if self.has_labels else [])
         with zipfile.ZipFile(self.path) as zf:
             streams = {k: _npy_member(zf, k) for k in keys}
             try:
-                for i in range(self.count):
+                for i in range(len(self)):
                     arrays = {}
                     for key, (stream, shape, dtype) in streams.items():
-                        nbytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                        nbytes = self.batch * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
                         raw = stream.read(nbytes)
                         if len(raw) != nbytes:
-                            raise DataError(f"array '{key}' is truncated at sample {i}", path=self.path)
-                        arrays[key] = np.frombuffer(raw, dtype=dtype).reshape((1, *shape[1:]))
-                    label = int(arrays.pop(LABELS_KEY).reshape(-1)[0]) if self.has_labels else None
+                            raise DataError(f"array '{key}' is truncated at sample {i * self.batch}", path=self.path)
+                        arrays[key] = np.frombuffer(raw, dtype=dtype).reshape((self.batch, *shape[1:]))
+                    label = _label(arrays.pop(LABELS_KEY)) if self.has_labels else None
                     feeds = {s.name: _cast(arrays[s.name], s, self.path) for s in self.specs}
                     yield Sample(feeds, label)
             finally:
@@ -230,7 +238,7 @@ class NpzFolderDataset(Dataset):
             for spec in self.specs:
                 _check_shape(spec, arrays[spec.name].shape, path)
                 feeds[spec.name] = _cast(arrays[spec.name], spec, path)
-            label = int(np.asarray(arrays[LABELS_KEY]).reshape(-1)[0]) if LABELS_KEY in arrays else None
+            label = _label(arrays[LABELS_KEY]) if LABELS_KEY in arrays else None
             yield Sample(feeds, label)
 
 
@@ -339,6 +347,12 @@ class RandomDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _label(values: np.ndarray) -> int | np.ndarray:
+    """One int for a one-sample feed, the array of labels for a batch."""
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    return int(flat[0]) if flat.size == 1 else flat
 
 
 def _check_shape(spec: InputSpec, shape: tuple[int, ...], path: Path | str) -> None:

@@ -75,7 +75,7 @@ class FidelityMeter:
     samples: int = 0
     classify: bool | None = None
 
-    def update(self, reference: list[np.ndarray], candidate: list[np.ndarray], label: int | None = None) -> None:
+    def update(self, reference: list[np.ndarray], candidate: list[np.ndarray], label: int | np.ndarray | None = None) -> None:
         self.samples += 1
         for ref, cand in zip(reference, candidate):
             r = np.asarray(ref, dtype=np.float64).ravel()

@@ -81,3 +81,27 @@ def test_object_arrays_are_refused(tmp_path, model):
     np.savez(tmp_path / "o.npz", input=np.array([object()] * 2, dtype=object))
     with pytest.raises(DataError):
         open_dataset(tmp_path / "o.npz", model)
+
+
+def test_fixed_batch_models_get_feeds_of_that_batch(tmp_path):
+    model = conv_net(channels=(3, 4), size=8, batch=4)
+    x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez_compressed(tmp_path / "d.npz", input=x, labels=np.arange(10))
+    ds = open_dataset(tmp_path / "d.npz", model)
+    samples = list(ds)
+    assert len(ds) == len(samples) == 2  # the remainder of 2 samples is dropped
+    np.testing.assert_array_equal(samples[1].feeds["input"], x[4:8])
+    np.testing.assert_array_equal(samples[1].label, [4, 5, 6, 7])
+    np.savez(tmp_path / "few.npz", input=x[:3])
+    with pytest.raises(DataError, match="fewer than the model's fixed batch of 4"):
+        open_dataset(tmp_path / "few.npz", model)
+
+
+def test_fixed_batch_model_quantizes_with_labels(tmp_path):
+    from onnxshrink.quantize import Int8Config, quantize_int8
+
+    model = conv_net(channels=(3, 8), size=8, batch=2)
+    x = np.random.default_rng(2).standard_normal((120, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x, labels=np.zeros(120, np.int64))
+    result = quantize_int8(model, open_dataset(tmp_path / "d.npz", model), Int8Config(max_drop=100.0))
+    assert result.fidelity.samples == result.evaluation_samples and result.fidelity.accuracy_reference is not None

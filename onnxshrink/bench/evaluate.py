@@ -40,7 +40,7 @@ def stack(samples: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray | None]
             feeds = {k: np.concatenate([s.feeds[k] for s in samples], axis=0) for k in samples[0].feeds}
         except ValueError as exc:
             raise DataError(f"samples of different shapes cannot be batched ({exc}); use --batch 1") from None
-    labels = None if samples[0].label is None else np.asarray([s.label for s in samples], dtype=np.int64)
+    labels = None if samples[0].label is None else np.concatenate([np.atleast_1d(s.label) for s in samples]).astype(np.int64)
     return feeds, labels
 
 

@@ -154,7 +154,7 @@ class CalibrationPass:
 
     stats: dict[str, TensorStats]
     recorded_outputs: list[list[np.ndarray]]
-    recorded_labels: list[int | None]
+    recorded_labels: list[int | np.ndarray | None]
 
 
 def collect_stats(
@@ -186,7 +186,7 @@ def collect_stats(
     out_names = [o.name for o in session.get_outputs()]
     stats = {name: TensorStats() for name in names}
     recorded: list[list[np.ndarray]] = []
-    labels: list[int | None] = []
+    labels: list[int | np.ndarray | None] = []
     iterator: Iterable[Sample] = samples
     if progress:
         from tqdm import tqdm

@@ -132,7 +132,7 @@ class Int8Result:
 class _Evaluator:
     """Fidelity of candidates against fp32 outputs recorded on the evaluation samples."""
 
-    def __init__(self, dataset: Dataset, indices: range, reference: list[list[np.ndarray]], labels: list[int | None]) -> None:
+    def __init__(self, dataset: Dataset, indices: range, reference: list[list[np.ndarray]], labels: list[int | np.ndarray | None]) -> None:
         self.dataset = dataset
         self.indices = indices
         self.reference = reference
