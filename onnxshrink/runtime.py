@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import ConfigError, ShrinkError
+from onnxshrink.modelio import ort_model_source
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,13 @@ def make_session(
         providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    if isinstance(model, onnx.ModelProto):
-        source: bytes | str = model.SerializeToString()
-    elif isinstance(model, bytes):
-        source = model
-    else:
-        source = str(Path(model))
     try:
-        session = ort.InferenceSession(source, options, providers=providers)
+        if isinstance(model, onnx.ModelProto):
+            # Through modelio, so that a model over the protobuf limit goes via external data.
+            with ort_model_source(model) as source:
+                session = ort.InferenceSession(source, options, providers=providers)
+        else:
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(Path(model)), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime cannot load the model: {first}") from exc

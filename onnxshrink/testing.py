@@ -74,13 +74,9 @@ def conv_net(
 
 def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run a model once on onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    from onnxshrink.runtime import make_session
 
-    source = model if isinstance(model, str) else model.SerializeToString()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = make_session(model, threads=1)
     return session.run(None, feeds)
 
 

@@ -23,7 +23,7 @@ import onnx
 
 from onnxshrink.data import Sample
 from onnxshrink.errors import UnsupportedModelError
-from onnxshrink.modelio import load_model, ort_model_source
+from onnxshrink.modelio import load_model
 from onnxshrink.passes.cleanup import cleanup, prune_opset_imports
 from onnxshrink.passes.rewrite import reduce_mean_to_global_pool
 from onnxshrink.runtime import make_session
@@ -73,16 +73,16 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's provider-independent (basic) graph optimisations, as a new model."""
     with tempfile.TemporaryDirectory(prefix="onnxshrink-prep-") as tmp:
         target = Path(tmp) / "optimized.onnx"
-        with ort_model_source(model) as source:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            options.optimized_model_filepath = str(target)
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1000000000")
-            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        make_session(
+            model,
+            threads=1,
+            optimization="basic",
+            optimized_model_path=target,
+            config_entries={
+                "session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
+                "session.optimized_model_external_initializers_min_size_in_bytes": "1000000000",
+            },
+        )
         optimized, _ = load_model(target, check=False)
     prune_opset_imports(optimized)
     return optimized
