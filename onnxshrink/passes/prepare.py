@@ -49,19 +49,47 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
-def max_relative_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
-    """Largest |reference - candidate| over outputs and samples, relative to the largest |reference|."""
+def max_relative_error(reference: list[list[Any]], candidate: list[list[Any]]) -> float:
+    """Largest |reference - candidate| over outputs and samples, relative to the largest finite |reference|.
+
+    Equal values count as equal even when they are not finite (``inf == inf``, NaN where the
+    reference has NaN); a NaN or infinity that the reference does not have is an infinite
+    error. Non-numeric outputs (strings) must match exactly, and sequence outputs are
+    compared element by element.
+    """
     worst = 0.0
     for ref_outputs, cand_outputs in zip(reference, candidate):
+        if len(ref_outputs) != len(cand_outputs):
+            return float("inf")
         for ra, rb in zip(ref_outputs, cand_outputs):
-            ra = np.asarray(ra, dtype=np.float64)
-            rb = np.asarray(rb, dtype=np.float64)
-            if ra.shape != rb.shape:
-                return float("inf")
-            if ra.size:
-                scale = max(float(np.max(np.abs(ra))), 1e-12)
-                worst = max(worst, float(np.max(np.abs(ra - rb))) / scale)
+            worst = max(worst, _output_error(ra, rb))
     return worst
+
+
+def _output_error(ra: Any, rb: Any) -> float:
+    if isinstance(ra, list) or isinstance(rb, list):
+        if not (isinstance(ra, list) and isinstance(rb, list)) or len(ra) != len(rb):
+            return float("inf")
+        return max((_output_error(a, b) for a, b in zip(ra, rb)), default=0.0)
+    if ra is None or rb is None:
+        return 0.0 if ra is None and rb is None else float("inf")
+    ra, rb = np.asarray(ra), np.asarray(rb)
+    if ra.shape != rb.shape:
+        return float("inf")
+    if ra.size == 0:
+        return 0.0
+    if ra.dtype.kind not in "fiub" or rb.dtype.kind not in "fiub":  # strings, bfloat16/float8 (ml_dtypes)
+        return 0.0 if np.array_equal(ra, rb) else float("inf")
+    a, b = ra.astype(np.float64), rb.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    if same.all():
+        return 0.0
+    finite = np.abs(a[np.isfinite(a)])
+    scale = max(float(finite.max()) if finite.size else 0.0, 1e-12)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a - b)[~same]
+    diff[~np.isfinite(diff)] = np.inf
+    return float(diff.max()) / scale
 
 
 def outputs_on(model: onnx.ModelProto, samples: list[Sample]) -> list[list[np.ndarray]]:
@@ -107,9 +135,30 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return version_converter.convert_version(model, target)
 
 
+#: Inputs that hold weights (by position) of the ops whose weights get quantized or folded.
+#: A NaN or infinity there makes every scale or folded value invalid.
+WEIGHT_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+}  # fmt: skip
+
+
 def check_finite_weights(model: onnx.ModelProto) -> None:
-    """Refuse float initializers holding NaN or infinity (they make every scale invalid)."""
-    for tensor in model.graph.initializer:
+    """Refuse weights holding NaN or infinity (they make every scale invalid).
+
+    Only initializers that a Conv/Gemm/MatMul/normalisation reads as a weight are checked:
+    other constants may be non-finite on purpose, such as the ``-inf`` fill value of an
+    attention mask (``Where(mask, scores, -inf)``), and are never quantized as weights.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights: list[str] = []
+    for node in model.graph.node:
+        slots = WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        for i in slots or ():
+            if i < len(node.input) and node.input[i] in initializers and node.input[i] not in weights:
+                weights.append(node.input[i])
+    for name in weights:
+        tensor = initializers[name]
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             values = onnx.numpy_helper.to_array(tensor)
             if not np.all(np.isfinite(values)):
