@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
+from google.protobuf.message import Message
 
 from onnxshrink.errors import ConfigError
 from onnxshrink.modelio import ModelInfo, expected_nbytes, iter_graphs, iter_tensors
@@ -186,23 +187,37 @@ _SKELETON_MAX_ELEMENTS = 1024
 
 
 def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose large initializers keep name, type and dims but no data."""
+    """A copy of ``model`` whose large initializers keep name, type and dims but no data.
+
+    Built field by field: touching ``raw_data`` of the originals would copy every weight
+    (protobuf hands out bytes copies), doubling memory on a large model for a moment.
+    """
     skeleton = onnx.ModelProto()
-    graph = model.graph
-    big = [t for t in graph.initializer if math.prod(t.dims) > _SKELETON_MAX_ELEMENTS]
-    saved = [(t, t.raw_data) for t in big if t.HasField("raw_data")]
-    for t, _ in saved:
-        t.ClearField("raw_data")
-    try:
-        skeleton.CopyFrom(model)
-    finally:
-        for t, data in saved:
-            t.raw_data = data
-    for t in skeleton.graph.initializer:
-        if math.prod(t.dims) > _SKELETON_MAX_ELEMENTS:
-            for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(name)
+    _copy_fields_except(skeleton, model, "graph")
+    _copy_fields_except(skeleton.graph, model.graph, "initializer")
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) > _SKELETON_MAX_ELEMENTS:
+            stub = skeleton.graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+        else:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
     return skeleton
+
+
+def _copy_fields_except(target: Message, source: Message, skipped: str) -> None:
+    """Copy every set field of ``source`` into ``target`` but the one named ``skipped``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skipped:
+            continue
+        # ``is_repeated`` from protobuf 6 on, ``label`` before (removed in 7).
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:

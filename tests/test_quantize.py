@@ -108,3 +108,46 @@ def test_already_quantized_model_is_refused(quantized_samples):
     dataset = open_dataset(SAMPLES / "digits_calib.npz", result.model)
     with pytest.raises(ShrinkError, match="already quantized"):
         quantize_int8(result.model, dataset)
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_vectorised_weight_scales_equal_onnxruntimes(reduce_range):
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, get_qmin_qmax_for_qType
+
+    from onnxshrink.quantize.engine import symmetric_per_channel_params
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((7, 3, 3, 3)).astype(np.float32) * rng.uniform(1e-3, 10, (7, 1, 1, 1)).astype(np.float32)
+    weight[2] = 0.0  # an all-zero channel gets scale 1
+    weight[4] = 1e-40  # subnormal: below float32's smallest normal
+    qtype = onnx.TensorProto.INT8
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range, symmetric=True)
+    for axis in (0, 1):
+        zero_point, scale = symmetric_per_channel_params(weight, axis, qmin, qmax)
+        for c in range(weight.shape[axis]):
+            zp_ref, scale_ref = compute_data_quant_params(weight.take(c, axis).ravel(), qtype, True, reduce_range=reduce_range)
+            assert scale[c] == scale_ref and scale.dtype == scale_ref.dtype
+            assert zero_point[c] == zp_ref and zero_point.dtype == zp_ref.dtype
+
+
+def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):
+    """Our vectorised weights and shape inference on a weightless copy change nothing."""
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    from onnxshrink.passes.prepare import prepare
+    from onnxshrink.quantize import engine
+    from onnxshrink.quantize.calibrate import choose_range, collect_stats
+
+    model, _ = load_model(SAMPLES / "mobilenet_mini.onnx")
+    data = open_dataset(SAMPLES / "digits_calib.npz", model)
+    prepared, _ = prepare(model, list(data.take(2)))
+    engine.ensure_node_names(prepared)
+    stats = collect_stats(prepared, iter(data.take(8)), histogram=False).stats
+    ranges = {name: choose_range(s, "minmax") for name, s in stats.items()}
+    ours = engine.build_qdq(prepared, ranges, Int8Config())
+    monkeypatch.setattr(engine, "_quantizer_class", lambda: QDQQuantizer)
+    monkeypatch.setattr(engine, "_attach_inferred_types", lambda model: None)
+    theirs = engine.build_qdq(prepared, ranges, Int8Config())
+    assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in theirs.graph.node]
+    assert {t.name: t.SerializeToString() for t in ours.graph.initializer} == {t.name: t.SerializeToString() for t in theirs.graph.initializer}
+    assert not any(p.key == "onnx.infer" for p in ours.metadata_props)

@@ -166,9 +166,11 @@ def collect_stats(
     record: range | None = None,
     tensors: list[str] | None = None,
     progress: bool = False,
+    threads: int | None = 1,
 ) -> CalibrationPass:
     """Run ``model`` once per sample; summarise each float activation on the samples whose
     position is in ``calibrate`` (all when None), keep the graph outputs of those in ``record``.
+    ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
     """
     names = tensors if tensors is not None else float_activations(model)
     graph_outputs = [o.name for o in model.graph.output]
@@ -178,7 +180,7 @@ def collect_stats(
     sizes = (len(graph.node), len(graph.output), len(graph.initializer))
     try:
         summaries = _add_summaries(model, names, histogram=histogram)
-        session = make_session(model, threads=1, optimization="basic")
+        session = make_session(model, threads=threads, optimization="basic")
     finally:
         del graph.node[sizes[0]:]
         del graph.output[sizes[1]:]
