@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import onnx
 
+from onnxshrink.errors import UnsupportedModelError
 from onnxshrink.modelio import iter_graphs
+
+
+class GraphOrderError(UnsupportedModelError, ValueError):
+    """The graph has a cycle or reads a tensor that nothing produces.
+
+    A ShrinkError (one line, exit 1) and still the ValueError that ``topological_sort``
+    documents. Seen when onnxruntime's quantizer rewires a graph whose input is also an output.
+    """
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -74,7 +83,8 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     """Order nodes so that every input is produced before it is read (stable, in place).
 
     Raises:
-        ValueError: if the graph has a cycle or reads a tensor nothing produces.
+        GraphOrderError: (a ValueError) if the graph has a cycle or reads a tensor nothing
+            produces.
     """
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     available |= {t.values.name for t in graph.sparse_initializer}
@@ -93,7 +103,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
                 rest.append(node)
         if not progressed:
             missing = sorted(set().union(*(set(n.input) for n in rest)) - available)[:3]
-            raise ValueError(f"graph has a cycle or undefined inputs: {missing}")
+            raise GraphOrderError(f"graph has a cycle or undefined inputs: {missing}")
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)

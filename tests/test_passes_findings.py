@@ -1,4 +1,4 @@
-"""Preparation on non-finite values: bugs the onnx test corpus found (tests/test_onnx_corpus.py)."""
+"""Bugs in passes/ that the onnx test corpus (tests/test_onnx_corpus.py) and the fuzzer (fuzz/) found."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.data import Sample
-from onnxshrink.errors import UnsupportedModelError
+from onnxshrink.errors import ShrinkError, UnsupportedModelError
+from onnxshrink.passes.cleanup import topological_sort
 from onnxshrink.passes.prepare import max_relative_error, prepare
 from onnxshrink.testing import conv_net, run_ort
 
@@ -76,3 +77,13 @@ def test_non_finite_weights_are_still_refused(value):
     masked.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((4, 4), value, np.float32), "W"))
     with pytest.raises(UnsupportedModelError, match="initializer 'W' contains 16"):
         prepare(masked, [])
+
+
+def test_a_graph_that_cannot_be_ordered_is_a_one_line_shrink_error():
+    # Found by the fuzzer: onnxruntime's quantizer rewires a model whose input is also an
+    # output into a graph that reads an undefined tensor; sorting it raised a bare ValueError.
+    nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])]
+    graph = helper.make_graph(nodes, "cycle", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    with pytest.raises(ShrinkError, match=r"cycle or undefined inputs: \['a', 'b'\]") as caught:
+        topological_sort(graph)
+    assert isinstance(caught.value, ValueError)  # the documented contract still holds

@@ -1,0 +1,100 @@
+"""A short run of the fuzz target (fuzz/fuzz_load_shrink.py) and a replay of its crash inputs.
+
+The long run is documented in fuzz/README.md. Skipped when atheris is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import onnx
+import pytest
+
+pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris; it is in the test extra)")
+
+FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
+sys.path.insert(0, str(FUZZ))
+
+import fuzz_load_shrink as target  # noqa: E402
+import make_seeds  # noqa: E402
+
+REPRODUCERS = sorted((FUZZ / "crashes").glob("*.onnx"))
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("seeds")
+    assert make_seeds.write_seeds(folder, max_bytes=16384, node_tests=40) >= 40
+    return folder
+
+
+def test_known_crash_list_is_well_formed():
+    known = target.load_known()
+    for sig, entry in known.items():
+        assert sig.split(" in ")[0].endswith(("Error", "Exception")), sig
+        assert (FUZZ / entry["reproducer"]).is_file(), entry["reproducer"]
+
+
+@pytest.mark.parametrize("path", REPRODUCERS, ids=[p.stem for p in REPRODUCERS])
+def test_crash_reproducers_crash_no_more_or_are_reported(path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fixed crash stays fixed; an open one must be listed in fuzz/known_crashes.json."""
+    known = target.load_known()
+    monkeypatch.setattr(target, "STRICT", True)  # raise known crashes too, to see what they are
+    target._quiet()
+    try:
+        target.run_one(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - run_one already lets ShrinkError pass
+        assert target.signature(exc) in known, f"new crash: {target.signature(exc)}"
+        return
+    finally:
+        import logging
+
+        logging.disable(logging.NOTSET)
+        warnings.resetwarnings()
+    listed = [s for s, e in known.items() if Path(e["reproducer"]).name == path.name]
+    if listed:
+        warnings.warn(f"{path.name} no longer crashes: remove '{listed[0]}' from fuzz/known_crashes.json", stacklevel=1)
+
+
+def test_structure_aware_mutator_changes_models_and_keeps_most_parseable(seeds: Path):
+    rng = random.Random(0)
+    blobs = [p.read_bytes() for p in sorted(seeds.iterdir())[:30]]
+    changed = parsed = 0
+    for blob in blobs:
+        for _ in range(5):
+            out = target.mutate_model(blob, rng)
+            assert out is not None  # every seed is a model
+            changed += out != blob
+            try:
+                onnx.ModelProto.FromString(out)
+                parsed += 1
+            except Exception:  # noqa: BLE001
+                pass
+    assert changed >= 0.8 * 5 * len(blobs)
+    assert parsed == 5 * len(blobs)
+    assert target.mutate_model(b"\xff\x00 not a model", rng) is None
+
+
+def test_smoke_run_finds_no_crash_or_hang(seeds: Path, tmp_path: Path):
+    """~20 s of coverage-guided fuzzing from the seed corpus (fixed seed, so repeatable)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    argv = [
+        sys.executable, str(FUZZ / "fuzz_load_shrink.py"), str(corpus), str(seeds),
+        "-seed=1", "-runs=400", "-max_total_time=20", "-timeout=30", "-rss_limit_mb=3072",
+        "-max_len=131072", f"-artifact_prefix={tmp_path}/",
+    ]  # fmt: skip
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    artifacts = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-")))
+    assert proc.returncode == 0 and not artifacts, f"fuzz smoke run failed (rc {proc.returncode}), {artifacts}:\n{log[-3000:]}"
+    assert "Done" in log and "INITED" in log
+    executed = int(log.split("Done ", 1)[1].split()[0])
+    assert executed >= 150  # the seeds alone are ~140; the rest are mutations
