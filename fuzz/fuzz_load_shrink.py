@@ -197,15 +197,18 @@ def mutate_model(data: bytes, rng: random.Random) -> bytes | None:
         model = onnx.ModelProto.FromString(data)
     except Exception:  # noqa: BLE001 - not a model: let the byte mutator have it
         return None
-    if not model.HasField("graph"):
+    try:
+        if not model.HasField("graph"):
+            return None
+        if rng.random() < 0.15 and model.opset_import:
+            model.opset_import[0].version = rng.choice([7, 11, 12, 13, 17, 18, 21, 23, 99, model.opset_import[0].version + 1])
+        elif rng.random() < 0.05:
+            model.ir_version = rng.choice([1, 3, 7, 10, 11, 99])
+        else:
+            _mutate_graph(model.graph, rng)
+        return model.SerializeToString()
+    except Exception:  # noqa: BLE001 - e.g. invalid UTF-8 in a name (upb checks strings lazily)
         return None
-    if rng.random() < 0.15 and model.opset_import:
-        model.opset_import[0].version = rng.choice([7, 11, 12, 13, 17, 18, 21, 23, 99, model.opset_import[0].version + 1])
-    elif rng.random() < 0.05:
-        model.ir_version = rng.choice([1, 3, 7, 10, 11, 99])
-    else:
-        _mutate_graph(model.graph, rng)
-    return model.SerializeToString()
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:

@@ -79,6 +79,9 @@ def test_structure_aware_mutator_changes_models_and_keeps_most_parseable(seeds: 
     assert changed >= 0.8 * 5 * len(blobs)
     assert parsed == 5 * len(blobs)
     assert target.mutate_model(b"\xff\x00 not a model", rng) is None
+    for path in REPRODUCERS:  # hostile inputs (invalid UTF-8 names...) must not crash the mutator
+        for _ in range(20):
+            target.mutate_model(path.read_bytes(), rng)
 
 
 def test_smoke_run_finds_no_crash_or_hang(seeds: Path, tmp_path: Path):
