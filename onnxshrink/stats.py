@@ -242,7 +242,7 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str,
     """
     try:
         if symbolic:
-            inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
+            inferred = _symbolic_infer(model)
         else:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; report, don't fail
@@ -257,6 +257,21 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str,
     for t in graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference, keeping what it could infer.
+
+    Its own ``infer_shapes`` entry point, when some shape stays unknown, saves the model as
+    ``sym_shape_infer_temp.onnx`` (plus data files) in the current directory and raises: a
+    tool run in a user's folder must not litter it, and the partial result is still useful.
+    """
+    inference = _symbolic_shape_inference()(2**31 - 1, True, False, 0)
+    inference._preprocess(model)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
 
 
 def _symbolic_shape_inference() -> Any:

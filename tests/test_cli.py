@@ -230,3 +230,32 @@ def test_model_that_cannot_run_its_data_is_a_one_line_error(tmp_path, capsys):
     assert [ln for ln in lines if not ln.startswith("onnxshrink: warning:")] == [lines[-1]]
     assert lines[-1].startswith(f"onnxshrink: error: {model}: onnxruntime failed to run the model")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_leaves_the_working_directory_clean(tmp_path, monkeypatch, capsys):
+    """Shape inference that cannot finish (an op from an unknown domain before a Conv) must
+    not leave onnxruntime's ``sym_shape_infer_temp.onnx`` and data files in the cwd."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mystery", ["x"], ["y"], domain="com.example"),
+            helper.make_node("Conv", ["y", "w"], ["z"], pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "models" / "mystery.onnx"
+    path.parent.mkdir()
+    path.write_bytes(model.SerializeToString())
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["inspect", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == 2
+    assert sorted(os.listdir(work)) == []
+    assert sorted(os.listdir(path.parent)) == ["mystery.onnx"]
