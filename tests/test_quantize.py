@@ -151,3 +151,26 @@ def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):
     assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in theirs.graph.node]
     assert {t.name: t.SerializeToString() for t in ours.graph.initializer} == {t.name: t.SerializeToString() for t in theirs.graph.initializer}
     assert not any(p.key == "onnx.infer" for p in ours.metadata_props)
+
+
+def test_sensitivity_in_graph_equals_exposed_activations():
+    """The one-session SQNR (sums inside onnxruntime) equals comparing exposed activations."""
+    from onnxshrink.passes.prepare import prepare
+    from onnxshrink.quantize import engine, sensitivity
+    from onnxshrink.quantize.calibrate import choose_range, collect_stats
+
+    model, _ = load_model(SAMPLES / "mobilenet_mini.onnx")
+    data = open_dataset(SAMPLES / "digits_calib.npz", model)
+    prepared, _ = prepare(model, list(data.take(2)))
+    engine.ensure_node_names(prepared)
+    stats = collect_stats(prepared, iter(data.take(8)), histogram=False).stats
+    qdq = engine.build_qdq(prepared, {name: choose_range(s, "minmax") for name, s in stats.items()}, Int8Config())
+    probe = list(data.take(6))
+    ranked = sensitivity.node_sensitivity(prepared, qdq, probe)
+    views = {t: v for t, v in sensitivity._dequantized_views(qdq).items() if t in {o for n in prepared.graph.node for o in n.output}}
+    in_graph = sensitivity._sqnr_in_graph(prepared, qdq, views, probe)
+    exposed = sensitivity._sqnr_exposed(prepared, qdq, views, probe)
+    assert len(ranked) > 10 and set(in_graph) == set(exposed)
+    finite = [t for t in exposed if np.isfinite(exposed[t])]
+    assert len(finite) > 10
+    assert max(abs(in_graph[t] - exposed[t]) for t in finite) < 1e-3
