@@ -51,6 +51,8 @@ class Fidelity:
 
 def looks_like_class_scores(output: np.ndarray) -> bool:
     """A [batch, classes] (or [batch, classes, 1, 1]) output with more than one class."""
+    if output.size == 0:
+        return False
     squeezed = output.reshape(output.shape[0], -1) if output.ndim >= 2 else None
     return squeezed is not None and output.ndim in (2, 4) and 1 < squeezed.shape[1] and (
         output.ndim == 2 or output.shape[2:] == (1, 1)

@@ -97,7 +97,31 @@ def build_qdq(
         {name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()},
     )
     activation = QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8
-    quantizer = _quantizer_class()(
+    quantizer_class = _quantizer_class()
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice through the root logger
+    try:
+        quantized = _run_quantizer(quantizer_class, work, tensors, activation, config, exclude)
+    except ShrinkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer asserts and indexes freely
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ShrinkError(f"onnxruntime's quantizer failed on this model ({type(exc).__name__}: {first[:200]})") from exc
+    finally:
+        root.setLevel(previous)
+    _drop_metadata(quantized, _INFERRED_KEY)
+    topological_sort(quantized.graph)
+    check_scales(quantized)
+    return quantized
+
+
+def _run_quantizer(
+    quantizer_class: type, work: onnx.ModelProto, tensors: Any, activation: Any, config: Int8Config, exclude: Iterable[str]
+) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType
+
+    quantizer = quantizer_class(
         work,
         config.per_channel,
         decide_reduce_range(config),
@@ -112,18 +136,7 @@ def build_qdq(
             "WeightSymmetric": True,
         },
     )
-    del work  # the quantizer owns (and rewrites) it now
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice through the root logger
-    try:
-        quantized = quantizer.quantize_model()
-    finally:
-        root.setLevel(previous)
-    _drop_metadata(quantized, _INFERRED_KEY)
-    topological_sort(quantized.graph)
-    check_scales(quantized)
-    return quantized
+    return quantizer.quantize_model()  # rewrites ``work`` in place
 
 
 #: The metadata entry by which onnxruntime's quantizer knows a model's types are inferred.
