@@ -8,6 +8,8 @@ or JSON. Steps are composable: pruning runs before quantization.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import resource
@@ -35,7 +37,10 @@ from onnxshrink.prune import (
     recalibrate_batchnorm,
 )
 from onnxshrink.quantize import Int8Config, Int8Result, quantize_int8
+from onnxshrink.passes.prepare import prepare
 from onnxshrink.quantize.pipeline import iter_range, split_samples
+from onnxshrink.recipe.recipe import DataSpec, Recipe
+from onnxshrink.recipe.steps import BenchStep, ChannelPruneStep, DistillStep, FoldStep, Int8Step, MagnitudePruneStep
 from onnxshrink.runtime import make_session
 from onnxshrink.stats import count_macs, count_parameters
 from onnxshrink.verify import Fidelity, FidelityMeter
@@ -114,18 +119,37 @@ class ShrinkOutcome:
     wall_seconds: float
     peak_rss_mb: float
     warnings: list[str] = field(default_factory=list)
+    recipe: Recipe | None = None
+    input_sha256: str | None = None
+    distill: list[dict[str, Any]] = field(default_factory=list)
+    gates_failed: list[str] = field(default_factory=list)  # gates other than the int8 target
+
+    @property
+    def int8_gate_failed(self) -> bool:
+        """The int8 accuracy target that the user asked for explicitly was not met."""
+        return self.int8 is not None and not self.int8.target_met and not self.int8.target.get("default", False)
 
     @property
     def gate_failed(self) -> bool:
         """A target the user asked for explicitly was not met."""
-        return self.int8 is not None and not self.int8.target_met and not self.int8.target.get("default", False)
+        return self.int8_gate_failed or bool(self.gates_failed)
+
+    def gate_message(self) -> str:
+        """One line naming every failed gate."""
+        parts = list(self.gates_failed)
+        if self.int8_gate_failed:
+            assert self.int8 is not None
+            parts.insert(0, f"accuracy target {self.int8.target['kind']} {self.int8.target['value']} not met")
+        return "; ".join(parts) + "; best model written anyway"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SHRINK_SCHEMA,
             "onnxshrink_version": __version__,
             "input": self.input_path,
+            "input_sha256": self.input_sha256,
             "output": self.output_path,
+            "recipe": self.recipe.to_dict() if self.recipe else None,
             "steps": self.steps,
             "size": {"before_bytes": self.size_before, "after_bytes": self.size_after, "ratio": round(self.size_after / max(self.size_before, 1), 4)},
             "macs": {"before": self.macs_before, "after": self.macs_after},
@@ -135,6 +159,7 @@ class ShrinkOutcome:
             "magnitude_sensitivity": [s.to_json() for s in self.magnitude_sensitivity],
             "fidelity_on_random_inputs": self.fidelity_on_random,
             "int8": self.int8.to_json() if self.int8 else None,
+            "distill": self.distill,
             "latency": self.latency.to_json() if self.latency else None,
             "conversion": {"wall_seconds": round(self.wall_seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)},
             "warnings": self.warnings,
@@ -161,101 +186,249 @@ def compare_latency(
 def shrink(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: ShrinkOptions) -> ShrinkOutcome:
     """Compress ``model_path`` into ``output_path`` and measure the result.
 
+    The options are compiled into a :class:`~onnxshrink.recipe.Recipe`
+    (:func:`recipe_from_options`) and run by :func:`run_recipe`, so ``shrink`` and
+    ``onnxshrink run`` give the same bytes for the same steps.
+
     Raises:
         ShrinkError: with the file it is about (the model, unless the data is to blame).
     """
+    return run_recipe(recipe_from_options(options), model_path, output_path, progress=options.progress)
+
+
+def recipe_from_options(options: ShrinkOptions) -> Recipe:
+    """The recipe that ``shrink`` with these options runs (``--save-recipe``, ``--dry-run``)."""
+    steps: list[Any] = []
+    if options.channels is not None:
+        # With both prunings, BatchNorm is re-measured once, after the last one.
+        recal = False if options.magnitude is not None else options.recalibrate_bn
+        steps.append(ChannelPruneStep(config=options.channels, recalibrate_bn=recal, recalibration_samples=_RECALIBRATION_SAMPLES))
+    if options.magnitude is not None:
+        steps.append(MagnitudePruneStep(config=options.magnitude, recalibrate_bn=options.recalibrate_bn, recalibration_samples=_RECALIBRATION_SAMPLES))
+    if options.quantize == "int8":
+        steps.append(Int8Step(config=options.int8))
+    if options.measure_latency:
+        steps.append(BenchStep(provider=options.int8.provider, threads=options.threads, rounds=options.latency_rounds))
+    d, p = options.data_options, options.data_options.preprocess
+    calibration = options.calibration
+    if calibration is not None and calibration != "random":
+        calibration = os.path.abspath(calibration)
+    data = DataSpec(
+        calibration=calibration, seed=d.seed, shapes={k: tuple(v) for k, v in d.shapes.items()},
+        image_size=tuple(p.size) if p.size else None, layout=p.layout,  # type: ignore[arg-type]
+        mean=tuple(p.mean), std=tuple(p.std), scale=p.scale, color=p.mode,  # type: ignore[arg-type]
+    )
+    return Recipe(steps=tuple(steps), data=data)
+
+
+def run_recipe(
+    recipe: Recipe,
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    calibration: str | None = None,
+    progress: bool = False,
+    measure: bool = True,
+) -> ShrinkOutcome:
+    """Apply ``recipe``'s steps to ``model_path``, write ``output_path``, measure.
+
+    ``calibration`` overrides the recipe's ``data.calibration``; ``measure=False`` skips
+    the ``bench`` step (the output is the same: timing never changes the model). The same recipe, model and
+    data give byte-identical output (every step is deterministic and single-threaded where
+    it reduces numbers); the output's metadata records the recipe, the versions and the
+    input model's sha256.
+
+    Raises:
+        ShrinkError: with the file it is about (the model, unless the data is to blame).
+    """
+    if calibration is not None:
+        recipe = recipe.with_calibration(calibration)
     try:
-        return _shrink(Path(model_path), Path(output_path), options)
+        return _Pipeline(recipe, Path(model_path), Path(output_path), progress, measure).run()
     except ShrinkError as exc:
         if exc.path is None and not isinstance(exc, ConfigError):
             exc.path = str(model_path)
         raise
 
 
-def _shrink(model_path: Path, output_path: Path, options: ShrinkOptions) -> ShrinkOutcome:
-    start = time.perf_counter()
-    check_output_path(output_path, input_path=model_path)
-    original, info = load_model(model_path)
-    if options.calibration is None and options.quantize is not None:
-        raise ConfigError("--calib DATA is required to quantize: a .npz file, a folder of .npz or images, or 'random'")
-    on_random = options.calibration is None or options.calibration == "random"
-    if options.calibration is None:
-        dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=options.data_options.seed, shapes=options.data_options.shapes)
-    else:
-        dataset = open_dataset(options.calibration, original, options.data_options)
-    macs_before = count_macs(original).total
-    params_before = count_parameters(original)
-    steps: list[str] = []
-    warnings: list[str] = []
-    pruning: list[PruneReport] = []
-    sensitivity: list[LayerSensitivity] = []
-    current = original
-    if options.prunes:
-        current = onnx.ModelProto()
-        current.CopyFrom(original)
-        if options.channels is not None:
-            pruning.append(prune_channels(current, options.channels))
-            steps.append("prune.channels")
-        if options.magnitude is not None:
-            if options.magnitude.sparsity is not None and not on_random:
-                # Before pruning: where would this sparsity hurt, layer by layer?
-                probe = dataset.take(min(len(dataset), _SENSITIVITY_SAMPLES))
-                sensitivity = magnitude_sensitivity(current, probe, options.magnitude.sparsity, exclude=options.magnitude.exclude, threads=None)
-            pruning.append(prune_magnitude(current, options.magnitude))
-            steps.append("prune.magnitude")
-        if _should_recalibrate(options, current, on_random):
-            count = recalibrate_batchnorm(current, dataset.take(min(len(dataset), _RECALIBRATION_SAMPLES)), threads=None)
-            steps.append(f"recalibrate.batchnorm({count})")
-    int8_result = None
-    if options.quantize == "int8":
-        if not options.prunes:
-            # quantize_int8 makes its own prepared copy; without pruning nothing here needs
-            # the original any more (timing reloads it from disk), so let it go.
-            box, current, original = [current], None, None  # type: ignore[assignment]
-            int8_result = quantize_int8(box.pop(), dataset, options.int8, progress=options.progress)
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Pipeline:
+    """One run of a recipe: the steps in order, each a method ``_<type>``; then save, bench."""
+
+    def __init__(self, recipe: Recipe, model_path: Path, output_path: Path, progress: bool, measure: bool) -> None:
+        self.recipe, self.model_path, self.output_path, self.progress = recipe, model_path, output_path, progress
+        self.measure = measure
+        self.steps: list[str] = []
+        self.warnings: list[str] = []
+        self.pruning: list[PruneReport] = []
+        self.sensitivity: list[LayerSensitivity] = []
+        self.int8: Int8Result | None = None
+        self.distilled: list[dict[str, Any]] = []
+        self.gates: list[str] = []
+
+    def run(self) -> ShrinkOutcome:
+        start = time.perf_counter()
+        recipe = self.recipe
+        check_output_path(self.output_path, input_path=self.model_path)
+        original, info = load_model(self.model_path)  # refuses FIFOs, devices, ... first
+        self.input_sha256 = file_sha256(self.model_path)
+        source = recipe.data.calibration
+        if source is None and recipe.int8 is not None:
+            raise ConfigError("--calib DATA is required to quantize: a .npz file, a folder of .npz or images, or 'random'")
+        self.on_random = source is None or source == "random"
+        self.data_options = recipe.data.data_options()
+        if source is None:
+            d = self.data_options
+            self.dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=d.seed, shapes=d.shapes)
         else:
-            int8_result = quantize_int8(current, dataset, options.int8, progress=options.progress)
-        current = int8_result.model
-        steps.append("quantize.int8")
-        warnings += int8_result.notes
-    fidelity = None
-    if options.prunes:
-        fidelity = end_to_end_fidelity(original, current, dataset)
-        if on_random:
-            warnings.append("fidelity was measured on random inputs: it says nothing about accuracy; give --calib DATA")
-    _stamp_metadata(current, steps)
-    save_model(current, output_path, input_path=model_path)
-    convert_seconds = time.perf_counter() - start
-    convert_rss = peak_rss_mb()
-    latency = None
-    if options.measure_latency:
-        provider = options.int8.provider
-        latency = compare_latency(model_path, current, dataset, provider=provider, threads=options.threads, rounds=options.latency_rounds)
-        if latency.ratio > 1.0:
-            cause = f" Fusion lint: {int8_result.fusion.summary()}" if int8_result else ""
-            warnings.append(f"the compressed model is SLOWER than the original on {latency.provider} ({latency.ratio:.2f}x the latency).{cause}")
-    if any(isinstance(r, MagnitudePruneReport) for r in pruning):
-        warnings.append("magnitude pruning makes the file compress better (gzip) but gives no speed-up in ONNX Runtime, whose kernels are dense; use --prune-channels for speed")
-    return ShrinkOutcome(
-        input_path=str(model_path),
-        output_path=str(output_path),
-        size_before=info.file_bytes + info.external_bytes,
-        size_after=_stored_size(output_path),
-        macs_before=macs_before,
-        macs_after=count_macs(current).total,
-        params_before=params_before,
-        params_after=count_parameters(current),
-        steps=steps,
-        int8=int8_result,
-        pruning=pruning,
-        fidelity=fidelity,
-        magnitude_sensitivity=sensitivity,
-        fidelity_on_random=on_random,
-        latency=latency,
-        wall_seconds=convert_seconds,
-        peak_rss_mb=convert_rss,
-        warnings=warnings,
-    )
+            self.dataset = open_dataset(source, original, self.data_options)
+        macs_before = count_macs(original).total
+        params_before = count_parameters(original)
+        # The original is kept for the end-to-end fidelity when a step other than int8
+        # changes the numbers; otherwise int8 gets the only reference (memory).
+        changes = [s.type for s in recipe.steps if s.type in ("prune.channels", "prune.magnitude", "distill")]
+        self.original: onnx.ModelProto | None = original if changes else None
+        self.current: onnx.ModelProto | None = original
+        self.private = False  # whether self.current may be changed in place
+        del original
+        for step in recipe.steps:
+            if step.type != "bench":
+                getattr(self, "_" + step.type.replace(".", "_"))(step)
+        assert self.current is not None
+        current = self.current
+        fidelity = None
+        if self.original is not None:
+            fidelity = end_to_end_fidelity(self.original, current, self.dataset)
+            if self.on_random:
+                self.warnings.append("fidelity was measured on random inputs: it says nothing about accuracy; give --calib DATA")
+        _stamp_metadata(current, self.steps, recipe=recipe, input_sha256=self.input_sha256, data_sha256=self._data_sha256(source))
+        save_model(current, self.output_path, input_path=self.model_path)
+        convert_seconds = time.perf_counter() - start
+        convert_rss = peak_rss_mb()
+        latency = None
+        bench = recipe.bench
+        if bench is not None and self.measure:
+            latency = compare_latency(self.model_path, current, self.dataset, provider=bench.provider, threads=bench.threads, rounds=bench.rounds)
+            if latency.ratio > 1.0:
+                cause = f" Fusion lint: {self.int8.fusion.summary()}" if self.int8 else ""
+                self.warnings.append(f"the compressed model is SLOWER than the original on {latency.provider} ({latency.ratio:.2f}x the latency).{cause}")
+            if bench.min_speedup is not None and latency.ratio > 0 and 1.0 / latency.ratio < bench.min_speedup:
+                self.gates.append(f"speed-up {1.0 / latency.ratio:.2f}x is below --min-speedup {bench.min_speedup}")
+        if any(isinstance(r, MagnitudePruneReport) for r in self.pruning):
+            self.warnings.append("magnitude pruning makes the file compress better (gzip) but gives no speed-up in ONNX Runtime, whose kernels are dense; use --prune-channels for speed")
+        return ShrinkOutcome(
+            input_path=str(self.model_path),
+            output_path=str(self.output_path),
+            size_before=info.file_bytes + info.external_bytes,
+            size_after=_stored_size(self.output_path),
+            macs_before=macs_before,
+            macs_after=count_macs(current).total,
+            params_before=params_before,
+            params_after=count_parameters(current),
+            steps=self.steps,
+            int8=self.int8,
+            pruning=self.pruning,
+            fidelity=fidelity,
+            magnitude_sensitivity=self.sensitivity,
+            fidelity_on_random=self.on_random,
+            latency=latency,
+            wall_seconds=convert_seconds,
+            peak_rss_mb=convert_rss,
+            warnings=self.warnings,
+            recipe=recipe,
+            input_sha256=self.input_sha256,
+            distill=self.distilled,
+            gates_failed=self.gates,
+        )
+
+    @staticmethod
+    def _data_sha256(source: str | None) -> str | None:
+        return file_sha256(source) if source and source != "random" and os.path.isfile(source) else None
+
+    def _writable(self) -> onnx.ModelProto:
+        """The current model, copied first if it is still the original."""
+        assert self.current is not None
+        if not self.private:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self.current)
+            self.current, self.private = copy, True
+        return self.current
+
+    def _recalibrate(self, step: ChannelPruneStep | MagnitudePruneStep) -> None:
+        model = self._writable()
+        has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+        wanted = step.recalibrate_bn if step.recalibrate_bn is not None else not self.on_random
+        if wanted and has_bn:
+            # One thread: reductions then add up in the same order on every machine.
+            samples = self.dataset.take(min(len(self.dataset), step.recalibration_samples))
+            count = recalibrate_batchnorm(model, samples, threads=1)
+            self.steps.append(f"recalibrate.batchnorm({count})")
+
+    def _fold(self, step: FoldStep) -> None:
+        assert self.current is not None
+        split = split_samples(len(self.dataset), len(self.dataset))
+        checks = list(iter_range(self.dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
+        self.current, report = prepare(self.current, checks, min_opset=step.min_opset)
+        self.private = True
+        self.steps.append("fold")
+        for entry in report.steps:
+            if not entry.get("applied", True):
+                self.warnings.append(f"fold: '{entry['step']}' skipped ({entry.get('reason')})")
+
+    def _prune_channels(self, step: ChannelPruneStep) -> None:
+        self.pruning.append(prune_channels(self._writable(), step.config))
+        self.steps.append("prune.channels")
+        self._recalibrate(step)
+
+    def _prune_magnitude(self, step: MagnitudePruneStep) -> None:
+        model = self._writable()
+        config = step.config
+        if step.sensitivity and config.sparsity is not None and not self.on_random:
+            # Before pruning: where would this sparsity hurt, layer by layer? (report only)
+            probe = self.dataset.take(min(len(self.dataset), _SENSITIVITY_SAMPLES))
+            self.sensitivity = magnitude_sensitivity(model, probe, config.sparsity, exclude=config.exclude, threads=None)
+        self.pruning.append(prune_magnitude(model, config))
+        self.steps.append("prune.magnitude")
+        self._recalibrate(step)
+
+    def _quantize_int8(self, step: Int8Step) -> None:
+        if self.on_random and self.recipe.data.calibration is None:
+            raise ConfigError("--calib DATA is required to quantize")
+        # Hand the quantizer the only reference when nothing else needs this model.
+        box = [self.current]
+        self.current = None
+        result = quantize_int8(box.pop(), self.dataset, step.config, progress=self.progress)  # type: ignore[arg-type]
+        self.current, self.private, self.int8 = result.model, True, result
+        self.steps.append("quantize.int8")
+        self.warnings += result.notes
+
+    def _distill(self, step: DistillStep) -> None:
+        from onnxshrink.distill import distill
+
+        assert self.current is not None
+        source = step.data or self.recipe.data.calibration
+        if source is None or source == "random":
+            raise ConfigError("distill needs data: give the step a 'data' file or the recipe calibration data")
+        train = open_dataset(source, self.current, self.data_options)
+        samples = itertools.islice(iter(train), step.max_samples) if step.max_samples else iter(train)
+        extra = open_dataset(step.eval, self.current, self.data_options) if step.eval else None
+        result = distill(
+            self.model_path, self.current, samples,
+            epochs=step.epochs, lr=step.lr, schedule=step.schedule, batch_size=step.batch_size,
+            temperature=step.temperature, alpha=step.alpha, l1=step.l1, l2=step.l2, use_labels=step.use_labels,
+            seed=step.seed, val_fraction=step.val_fraction, patience=step.patience, monitor=step.monitor,
+            mixup=step.mixup, eval_dataset=extra, threads=1, progress=self.progress,
+        )  # fmt: skip
+        self.current, self.private = result.model, True
+        self.distilled.append(result.to_json())
+        self.steps.append("distill")
 
 
 def peak_rss_mb() -> float:
@@ -279,13 +452,6 @@ _RECALIBRATION_SAMPLES = 256
 _SENSITIVITY_SAMPLES = 32
 
 
-def _should_recalibrate(options: ShrinkOptions, model: onnx.ModelProto, on_random: bool) -> bool:
-    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
-    if options.recalibrate_bn is not None:
-        return options.recalibrate_bn and has_bn
-    return has_bn and not on_random
-
-
 def end_to_end_fidelity(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset: Dataset) -> Fidelity:
     """Fidelity of ``compressed`` against ``original`` on the held-back samples."""
     split = split_samples(len(dataset), len(dataset))
@@ -296,11 +462,25 @@ def end_to_end_fidelity(original: onnx.ModelProto, compressed: onnx.ModelProto, 
     return meter.result()
 
 
-def _stamp_metadata(model: onnx.ModelProto, steps: list[str]) -> None:
-    """Record what made the model (kept small: names and versions only)."""
+def _stamp_metadata(
+    model: onnx.ModelProto,
+    steps: list[str],
+    *,
+    recipe: Recipe | None = None,
+    input_sha256: str | None = None,
+    data_sha256: str | None = None,
+) -> None:
+    """Record what made the model: versions, steps, the recipe (compact JSON, no paths) and
+    the input model's (and calibration file's) sha256 — nothing that varies between runs."""
     import onnxruntime
 
     entries = {"onnxshrink.version": __version__, "onnxshrink.steps": ",".join(steps), "onnxshrink.onnxruntime": onnxruntime.__version__}
+    if recipe is not None:
+        entries["onnxshrink.recipe"] = recipe.stamp()
+    if input_sha256 is not None:
+        entries["onnxshrink.input_sha256"] = input_sha256
+    if data_sha256 is not None:
+        entries["onnxshrink.data_sha256"] = data_sha256
     kept = [p for p in model.metadata_props if not p.key.startswith("onnxshrink.")]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

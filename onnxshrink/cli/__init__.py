@@ -67,12 +67,15 @@ def cli(ctx: click.Context, verbose: int, quiet: int, show_traceback: bool) -> N
 
 
 def _register_commands() -> None:
-    from onnxshrink.cli import bench_cmd, distill_cmd, inspect_cmd, shrink_cmd
+    from onnxshrink.cli import auto_cmd, bench_cmd, distill_cmd, inspect_cmd, recipe_cmd, run_cmd, shrink_cmd
 
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(shrink_cmd.shrink_command, name="shrink")
     cli.add_command(bench_cmd.bench)
     cli.add_command(distill_cmd.distill)
+    cli.add_command(run_cmd.run_command, name="run")
+    cli.add_command(recipe_cmd.recipe_group, name="recipe")
+    cli.add_command(auto_cmd.auto_command, name="auto")
 
 
 _register_commands()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -13,7 +14,9 @@ from onnxshrink.prune import ChannelPruneConfig, MagnitudePruneConfig
 from onnxshrink.quantize import Int8Config
 from onnxshrink.quantize.config import METHODS
 from onnxshrink.report import format_pairs, format_table, human_bytes, human_count, section
-from onnxshrink.shrink import ShrinkOptions, ShrinkOutcome, shrink
+from onnxshrink.recipe import dumps
+from onnxshrink.recipe import save_recipe as save_recipe_file
+from onnxshrink.shrink import ShrinkOptions, ShrinkOutcome, recipe_from_options, run_recipe
 from onnxshrink.stats import parse_shape_overrides
 
 
@@ -38,7 +41,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 @click.command()
 @click.argument("model", type=MODEL_PATH)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the compressed model.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the compressed model (required unless --dry-run).")
 @click.option("--quantize", type=click.Choice(["int8", "none"]), default="int8", show_default=True, help="Quantization to apply.")
 @click.option(
     "--calib",
@@ -83,15 +86,19 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--recalibrate-bn/--no-recalibrate-bn", default=None,
               help="After pruning, re-measure BatchNorm statistics on the --calib data (default: when both exist).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random calibration data.")
+@click.option("--save-recipe", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write these flags as a recipe file (YAML; JSON if FILE ends in .json) for 'onnxshrink run'.")
+@click.option("--dry-run", is_flag=True, help="Print the recipe these flags make (and write --save-recipe) without running it.")
 @json_option
-def shrink_command(model: str, output: str, quantize: str, calibration: str | None, method: str, max_drop: float | None,
+def shrink_command(model: str, output: str | None, quantize: str, calibration: str | None, method: str, max_drop: float | None,
                    min_sqnr: float | None, exclude: tuple[str, ...], per_tensor: bool, activation_type: str,
                    reduce_range: bool | None, no_fusion_aware: bool, calib_count: int, provider: str, threads: int,
                    no_timing: bool, image_size: str | None, layout: str, mean: str | None, std: str | None,
                    scale: float, color: str, shapes: tuple[str, ...], prune_channels: float | None,
                    prune_macs: float | None, prune_importance: str, prune_round_to: int, prune_magnitude: float | None,
                    prune_threshold: float | None, prune_scope: str, prune_first_last: bool,
-                   prune_exclude: tuple[str, ...], recalibrate_bn: bool | None, seed: int, as_json: bool) -> None:  # fmt: skip
+                   prune_exclude: tuple[str, ...], recalibrate_bn: bool | None, seed: int, save_recipe: str | None,
+                   dry_run: bool, as_json: bool) -> None:  # fmt: skip
     """Compress MODEL into OUTPUT and report size, speed and fidelity against the original.
 
     \b
@@ -110,6 +117,9 @@ def shrink_command(model: str, output: str, quantize: str, calibration: str | No
       onnxshrink shrink model.onnx -o small.onnx --calib calib.npz --prune-channels 0.5
       onnxshrink shrink model.onnx -o out.onnx --calib images/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
       onnxshrink shrink model.onnx -o out.onnx --calib calib.npz --max-drop 0.5 --json
+
+    The flags compile into a recipe: --save-recipe FILE writes it (replay it with
+    'onnxshrink run FILE MODEL -o OUT'), --dry-run prints it and does nothing else.
 
     Exit code 3 when an explicitly requested --max-drop/--min-sqnr is not met (the best
     model found is still written).
@@ -163,7 +173,25 @@ def shrink_command(model: str, output: str, quantize: str, calibration: str | No
         threads=threads,
         progress=not as_json and sys.stderr.isatty(),
     )
-    outcome = shrink(model, output, options)
+    recipe = recipe_from_options(options)
+    if save_recipe is not None:
+        written = save_recipe_file(recipe, save_recipe)
+        if not dry_run:
+            click.echo(f"onnxshrink: recipe written to {written}", err=True)
+    if dry_run:
+        if as_json:
+            echo_json(recipe.to_dict(base_dir=os.getcwd()))
+        else:
+            click.echo(dumps(recipe, base_dir=os.getcwd()), nl=False)
+        return
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--output'.")
+    outcome = run_recipe(recipe, model, output, progress=options.progress)
+    report_outcome(outcome, as_json=as_json, output=output)
+
+
+def report_outcome(outcome: ShrinkOutcome, *, as_json: bool, output: str) -> None:
+    """Print the outcome (table or JSON), its warnings, and fail with exit 3 on a gate."""
     if as_json:
         echo_json(outcome.to_json())
     else:
@@ -171,8 +199,7 @@ def shrink_command(model: str, output: str, quantize: str, calibration: str | No
     for warning in outcome.warnings:
         click.echo(f"onnxshrink: warning: {warning}", err=True)
     if outcome.gate_failed:
-        assert outcome.int8 is not None
-        raise GateFailed(f"accuracy target {outcome.int8.target['kind']} {outcome.int8.target['value']} not met; best model written anyway", path=output)
+        raise GateFailed(outcome.gate_message(), path=output)
 
 
 def _pct(x: float | None) -> str:
@@ -189,6 +216,11 @@ def render(o: ShrinkOutcome) -> str:
         lat = o.latency
         rows.append((f"latency p50 ({lat.provider}, {lat.threads} thr)", f"{lat.baseline_p50_ms:.3f} ms", f"{lat.candidate_p50_ms:.3f} ms", f"{lat.ratio:.2f}x ({1 / lat.ratio:.2f}x faster)" if lat.ratio < 1 else f"{lat.ratio:.2f}x SLOWER"))
     lines = [f"{o.input_path} -> {o.output_path}   [{', '.join(o.steps)}]", section("Before / after"), format_table(rows, ["", "original", "compressed", "ratio"], align="lrrr")]
+    for d in o.distill:
+        for split in d.get("splits", []):
+            before, after = split["before"], split["after"]
+            lines.append(f"distill ({d['epochs_run']} epochs, best {d['best_epoch']}), {split['name']}: top-1 agreement "
+                         f"{_pct(before.get('top1_agreement'))} -> {_pct(after.get('top1_agreement'))}")
     if o.fidelity is not None:
         f = o.fidelity
         rows2 = [("samples", f"{f.samples}" + (" RANDOM inputs (no accuracy meaning)" if o.fidelity_on_random else " held back")),
