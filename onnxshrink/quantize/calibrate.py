@@ -30,11 +30,12 @@ from onnx import TensorProto, helper
 from onnxshrink.data import Sample
 from onnxshrink.errors import DataError
 from onnxshrink.runtime import make_session
+from onnxshrink.stats import weightless_copy
 
 log = logging.getLogger(__name__)
 
 BINS = 2048  # must be divisible by 4 for range doubling
-HISTOGRAM_SAMPLE = 1 << 16  # values per tensor and sample that go into the histogram
+HISTOGRAM_SAMPLE = 1 << 14  # values per tensor and sample that go into the histogram
 METHODS = ("minmax", "percentile", "mse", "entropy")
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -75,10 +76,11 @@ class TensorStats:
             self.hist = np.zeros(BINS, dtype=np.int64)
             self.hist[BINS // 4 : 3 * BINS // 4] = merged
             self.radius *= 2.0
-        x = sample.reshape(-1).astype(np.float32, copy=False)
-        idx = ((x + np.float32(self.radius)) * np.float32(BINS / (2.0 * self.radius))).astype(np.intp)
-        np.clip(idx, 0, BINS - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=BINS)
+        # Bin index = (x + radius) * BINS / (2 radius), computed in place in float32.
+        position = np.multiply(sample.reshape(-1), np.float32(BINS / (2.0 * self.radius)), dtype=np.float32)
+        position += np.float32(BINS / 2)
+        np.clip(position, 0, BINS - 1, out=position)
+        self.hist += np.bincount(position.astype(np.intp), minlength=BINS)
 
     @property
     def centers(self) -> np.ndarray:
@@ -88,7 +90,9 @@ class TensorStats:
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
     """Names of float tensors computed at run time (graph inputs and node outputs)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    # Types only: inference on a weightless copy is the same and does not ship the weights
+    # through protobuf serialisation twice.
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False)
     types: dict[str, int] = {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         if value.type.HasField("tensor_type"):
