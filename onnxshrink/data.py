@@ -118,8 +118,12 @@ class Dataset:
 
 
 def _npy_member(zf: zipfile.ZipFile, key: str) -> tuple[IO[bytes], tuple[int, ...], np.dtype]:
-    """Open ``key.npy`` inside an npz and read its header; the stream is left at the data."""
-    stream = zf.open(f"{key}.npy")
+    """Open ``key.npy`` inside an npz and read its header; the stream is left at the data.
+
+    The header is untrusted: the shape it declares must fit in the member's stored size.
+    """
+    info = zf.getinfo(f"{key}.npy")
+    stream = zf.open(info)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -131,6 +135,17 @@ def _npy_member(zf: zipfile.ZipFile, key: str) -> tuple[IO[bytes], tuple[int, ..
         raise ValueError("Fortran-ordered arrays are not supported; save with np.ascontiguousarray")
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"array '{key}' declares a negative dimension {list(shape)}")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count * dtype.itemsize > info.file_size:
+        stream.close()
+        raise ValueError(
+            f"array '{key}' declares shape {list(shape)} ({count * dtype.itemsize} bytes) but its member "
+            f"holds {info.file_size} bytes (truncated or forged header)"
+        )
     return stream, tuple(shape), dtype
 
 
@@ -149,8 +164,10 @@ class NpzDataset(Dataset):
                     stream, shape, dtype = _npy_member(zf, key)
                     stream.close()
                     headers[key] = (shape, dtype)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise DataError(f"not a readable .npz file ({exc})", path=self.path) from None
+        except KeyError as exc:
+            raise DataError(f"not a readable .npz file (no member {exc})", path=self.path) from None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            raise DataError(f"not a readable .npz file ({' '.join(str(exc).split())})", path=self.path) from None
         names = [s.name for s in self.specs]
         missing = [n for n in names if n not in headers]
         if missing:
@@ -329,6 +346,10 @@ class RandomDataset(Dataset):
             if any(d is None for d in dims):
                 raise DataError(f"input '{spec.name}' has dynamic dimensions {spec.shape}; give --shape for random data")
             self.shapes[spec.name] = [int(d) for d in dims if d is not None]
+        _check_sample_size({n: (s, self._spec(n).dtype) for n, s in self.shapes.items()}, "random input")
+
+    def _spec(self, name: str) -> InputSpec:
+        return next(s for s in self.specs if s.name == name)
 
     def __len__(self) -> int:
         return self.count
@@ -347,6 +368,25 @@ class RandomDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_sample_size(shapes: dict[str, tuple[list[int] | tuple[int, ...], np.dtype]], what: str, path: Path | str | None = None) -> None:
+    """Refuse a sample that would not fit in the memory bound (a declared dim of 2**40)."""
+    from onnxshrink.runtime import MAX_MEMORY_ENV, human_bytes, memory_bound
+
+    bound = memory_bound()
+    if bound is None:
+        return
+    for name, (shape, dtype) in shapes.items():
+        count = 1
+        for d in shape:
+            count *= max(int(d), 0)
+        if count * np.dtype(dtype).itemsize > bound:
+            raise DataError(
+                f"{what} '{name}' of shape {list(shape)} is too large: {human_bytes(count * np.dtype(dtype).itemsize)}, "
+                f"over the memory bound of {human_bytes(bound)} ({MAX_MEMORY_ENV})",
+                path=path,
+            )
 
 
 def _label(values: np.ndarray) -> int | np.ndarray:
@@ -398,11 +438,12 @@ def open_dataset(source: str | os.PathLike[str], model: onnx.ModelProto, options
     options = options or DataOptions()
     specs = model_input_specs(model)
     if str(source) == "random":
+        dataset = RandomDataset(specs, count=options.random_count, seed=options.seed, shapes=options.shapes)
         log.warning(
             "using random inputs: calibration will be poor and accuracy figures are meaningless; "
             "give real samples for a model you will deploy"
         )
-        return RandomDataset(specs, count=options.random_count, seed=options.seed, shapes=options.shapes)
+        return dataset
     path = Path(source)
     if not path.exists():
         raise DataError("data not found (expected a .npz file, a folder, or 'random')", path=path)

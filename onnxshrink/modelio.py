@@ -45,6 +45,11 @@ from onnxshrink.errors import (
 
 log = logging.getLogger(__name__)
 
+# onnxruntime 1.32 writes a telemetry session file ($TMPDIR/.ses) when it is first imported:
+# a file written by a command that promises to write nothing but its output. This module is
+# imported (by onnxshrink/__init__) before anything of ours imports onnxruntime.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 #: A protobuf message cannot exceed 2 GiB; bigger weights must live in external data.
 PROTOBUF_LIMIT = 2**31 - 1
 #: Above this total weight size, saved models keep their weights in an external data file.
@@ -165,6 +170,7 @@ def load_model(
 
     info = ModelInfo(path=path, file_bytes=size)
     _check_versions(model, path)
+    _check_declared_shapes(model, path)
     base_dir = path.resolve().parent
     for tensor, where in iter_tensors(model, path=path):
         _check_tensor(tensor, where, base_dir, info, path)
@@ -203,6 +209,19 @@ def _check_versions(model: onnx.ModelProto, path: Path) -> None:
             "onnx.version_converter.convert_version(model, 13)",
             path=path,
         )
+
+
+def _check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse negative dims in declared input/output/intermediate shapes (the checker lets them by)."""
+    for graph in iter_graphs(model.graph, path=path):
+        for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
+            for value in values:
+                if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+                    continue
+                dims = value.type.tensor_type.shape.dim
+                if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+                    shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+                    raise UnsafeModelError(f"{kind} '{value.name}' declares a negative dimension {shown}", path=path)
 
 
 def _run_checker(model: onnx.ModelProto, path: Path) -> None:
@@ -589,6 +608,14 @@ def check_output_path(path: str | os.PathLike[str], *, input_path: str | os.Path
             raise ModelSaveError("output path exists and is not a regular file", path=path)
         if input_path is not None and _same_file(path, Path(input_path)):
             raise ModelSaveError("output would overwrite the input model; choose another -o path", path=path)
+    # Root writes through permission bits, and read-only mounts only show when writing: try.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{_TMP_MARK}-{os.getpid()}-probe", dir=folder)
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write: {exc.strerror or exc}", path=path) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     return path
 
 

@@ -1,10 +1,31 @@
-"""onnxruntime sessions, created one way everywhere (providers, threads, optimisation level)."""
+"""onnxruntime sessions, created one way everywhere (providers, threads, optimisation level).
+
+Running a model runs code its author chose: a 300-byte graph can ask for gigabytes
+(``ConstantOfShape``/``Expand`` to a giant shape) or never finish (a ``Loop`` with a trip count
+of 2**62). Every session made here is therefore bounded:
+
+* memory: session creation and every ``run`` happen under a soft address-space limit
+  (``RLIMIT_AS``) of what the process already maps plus :func:`memory_bound` bytes (plus a
+  few times the weights for creation); an allocation past it fails inside onnxruntime and
+  becomes a one-line error. Linux only; a no-op elsewhere. ``ONNXSHRINK_MAX_MEMORY``
+  (bytes, or with a K/M/G/T suffix; ``0`` turns it off) sets it, default 8 GiB.
+* time: each ``run`` is watched; past :func:`time_bound` seconds onnxruntime's terminate
+  flag is raised, which stops the run between two kernels (Loop iterations included), and
+  the run fails with a one-line error. ``ONNXSHRINK_MAX_RUN_SECONDS`` (``0``: off), default
+  300. A single kernel that never returns is not interrupted.
+
+The two guards cost a few microseconds per run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import logging
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +33,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import ConfigError, ShrinkError
-from onnxshrink.modelio import ort_model_source
+from onnxshrink.modelio import ort_model_source, weights_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +59,157 @@ def _ort() -> Any:
 
     ort.set_default_logger_severity(4)  # errors reach the user through our own one-line messages
     return ort
+
+
+MAX_MEMORY_ENV = "ONNXSHRINK_MAX_MEMORY"
+MAX_RUN_SECONDS_ENV = "ONNXSHRINK_MAX_RUN_SECONDS"
+DEFAULT_MAX_MEMORY = 8 << 30
+DEFAULT_MAX_RUN_SECONDS = 300.0
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_bound() -> int | None:
+    """Bytes one onnxruntime step may add to the process (``None``: unbounded)."""
+    text = os.environ.get(MAX_MEMORY_ENV, "").strip().upper().removesuffix("B").removesuffix("I")
+    if not text:
+        return DEFAULT_MAX_MEMORY
+    try:
+        value = int(float(text[:-1]) * _SUFFIXES[text[-1]]) if text[-1] in _SUFFIXES else int(text)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{MAX_MEMORY_ENV}={os.environ[MAX_MEMORY_ENV]!r}: expected bytes, e.g. 16G") from None
+    return value if value > 0 else None
+
+
+def time_bound() -> float | None:
+    """Seconds one ``run`` of a model may take (``None``: unbounded)."""
+    text = os.environ.get(MAX_RUN_SECONDS_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_MAX_RUN_SECONDS
+    except ValueError:
+        raise ConfigError(f"{MAX_RUN_SECONDS_ENV}={text!r}: expected seconds, e.g. 600") from None
+    return value if value > 0 else None
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.0f} TiB"
+
+
+class _AddressSpace:
+    """Temporarily lower the soft RLIMIT_AS to (mapped now + extra); nested uses are no-ops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: tuple[int, int] | None = None
+        self._statm: int | None = None
+        try:
+            import resource
+
+            self._resource: Any = resource
+            self._statm = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (ImportError, OSError, ValueError):
+            self._resource = None
+
+    def mapped(self) -> int:
+        assert self._statm is not None
+        return int(os.pread(self._statm, 64, 0).split()[0]) * self._page
+
+    @contextlib.contextmanager
+    def limit(self, extra: int | None) -> Iterator[None]:
+        if extra is None or self._resource is None:
+            yield
+            return
+        res = self._resource
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                soft, hard = res.getrlimit(res.RLIMIT_AS)
+                want = self.mapped() + extra
+                if hard != res.RLIM_INFINITY:
+                    want = min(want, hard)
+                if soft == res.RLIM_INFINITY or want < soft:
+                    res.setrlimit(res.RLIMIT_AS, (want, hard))
+                    self._saved = (soft, hard)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._saved is not None:
+                    res.setrlimit(res.RLIMIT_AS, self._saved)
+                    self._saved = None
+
+
+_ADDRESS_SPACE = _AddressSpace()
+
+
+class _Watchdog:
+    """One daemon thread that raises ``RunOptions.terminate`` on runs past their deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Any, list[bool]]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, run_options: Any, seconds: float | None) -> Iterator[list[bool]]:
+        fired = [False]
+        if seconds is None:
+            yield fired
+            return
+        with self._cond:
+            self._count += 1
+            entry = (time.monotonic() + seconds, self._count, run_options, fired)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="onnxshrink-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield fired
+        finally:
+            with self._cond:
+                fired.append(True)  # marks the entry done; the thread drops it lazily
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and len(self._heap[0][3]) > 1:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, run_options, fired = self._heap[0]
+                now = time.monotonic()
+                if now < deadline:
+                    self._cond.wait(deadline - now)
+                    continue
+                heapq.heappop(self._heap)
+                fired[0] = True
+                run_options.terminate = True
+
+
+_WATCHDOG = _Watchdog()
+
+_ALLOCATION_FAILURES = ("failed to allocate", "bad_alloc", "bad allocation", "available memory of", "cannot allocate memory")
+
+
+def _memory_error(exc: BaseException, bound: int | None) -> ShrinkError | None:
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(s in text for s in _ALLOCATION_FAILURES):
+        if bound is None:
+            return ShrinkError("onnxruntime ran out of memory running the model")
+        return ShrinkError(
+            f"running the model needs more than its memory bound of {human_bytes(bound)}; "
+            f"if the model is trusted, raise it with {MAX_MEMORY_ENV}=32G (0: no bound)"
+        )
+    return None
 
 
 def available_providers() -> list[str]:
@@ -97,14 +269,26 @@ def make_session(
         providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+    bound = memory_bound()
+    # Creation holds the weights (several copies while prepacking) and may fold constants.
+    if isinstance(model, onnx.ModelProto):
+        weights = weights_nbytes(model)
+    elif isinstance(model, bytes):
+        weights = len(model)
+    else:
+        weights = _files_size(Path(model))
     try:
-        if isinstance(model, onnx.ModelProto):
-            # Through modelio, so that a model over the protobuf limit goes via external data.
-            with ort_model_source(model) as source:
-                session = ort.InferenceSession(source, options, providers=providers)
-        else:
-            session = ort.InferenceSession(model if isinstance(model, bytes) else str(Path(model)), options, providers=providers)
+        with _ADDRESS_SPACE.limit(None if bound is None else bound + 4 * weights):
+            if isinstance(model, onnx.ModelProto):
+                # Through modelio, so that a model over the protobuf limit goes via external data.
+                with ort_model_source(model) as source:
+                    session = ort.InferenceSession(source, options, providers=providers)
+            else:
+                session = ort.InferenceSession(model if isinstance(model, bytes) else str(Path(model)), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        memory = _memory_error(exc, bound)
+        if memory is not None:
+            raise memory from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime cannot load the model: {first}") from exc
     session = GuardedSession(session)
@@ -117,19 +301,40 @@ def make_session(
     return session
 
 
+def _files_size(path: Path) -> int:
+    """The model file plus the files beside it (its external data, at most)."""
+    try:
+        return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file()) if path.is_file() else 0
+    except OSError:
+        return 0
+
+
 class GuardedSession:
-    """An ``InferenceSession`` whose ``run`` turns onnxruntime's failures (a model that cannot
-    run the given inputs, a shape mismatch inside the graph) into a one-line ShrinkError."""
+    """An ``InferenceSession`` whose ``run`` is bounded in memory and time (see the module
+    docstring) and turns onnxruntime's failures (a model that cannot run the given inputs, a
+    shape mismatch inside the graph, a bound hit) into a one-line ShrinkError."""
 
     def __init__(self, session: Any) -> None:
         self._session = session
 
-    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], *args: Any) -> list[np.ndarray]:
-        try:
-            return list(self._session.run(output_names, feeds, *args))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            raise ShrinkError(f"onnxruntime failed to run the model: {text[:300]}") from exc
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
+        run_options = run_options if run_options is not None else _ort().RunOptions()
+        bound, seconds = memory_bound(), time_bound()
+        with _WATCHDOG.watch(run_options, seconds) as fired:
+            try:
+                with _ADDRESS_SPACE.limit(bound):
+                    return list(self._session.run(output_names, feeds, run_options))
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                if fired[0]:
+                    raise ShrinkError(
+                        f"running the model took longer than its time bound of {seconds:g} s (a Loop "
+                        f"that never ends?); if the model is trusted, raise it with {MAX_RUN_SECONDS_ENV}=3600 (0: no bound)"
+                    ) from None
+                memory = _memory_error(exc, bound)
+                if memory is not None:
+                    raise memory from None
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                raise ShrinkError(f"onnxruntime failed to run the model: {text[:300]}") from exc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)

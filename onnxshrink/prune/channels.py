@@ -32,6 +32,7 @@ from onnxshrink.prune._graph import count_parameters, require_weights
 from onnxshrink.prune._layout import Seg, Selection, SkipReason, SliceConst, layout_length, layout_spaces
 from onnxshrink.prune._surgery import Plan, apply_plan, plan_selection
 from onnxshrink.prune.config import ChannelPruneConfig, compile_pattern, pattern_matches
+from onnxshrink.prune.magnitude import require_finite
 from onnxshrink.prune.graph_channels import ChannelGraph, ChannelGroup, analyze_channels
 from onnxshrink.prune.report import ChannelPruneReport, GroupReport
 from onnxshrink.stats import MacCount, count_macs
@@ -225,6 +226,7 @@ def _importance(graph: ChannelGraph, group: ChannelGroup, kind: str) -> tuple[np
             if gsrc.space in members:
                 gamma = ix.const(ix.nodes[gsrc.node].input[gsrc.input])
                 if gamma is not None:
+                    require_finite(ix.nodes[gsrc.node].input[gsrc.input], gamma, "channel pruning (bn_gamma)")
                     size = graph.spaces[gsrc.space].size
                     add(np.abs(gamma[gsrc.offset : gsrc.offset + size].astype(np.float64)))
                     found = True
@@ -239,6 +241,7 @@ def _importance(graph: ChannelGraph, group: ChannelGroup, kind: str) -> tuple[np
             weight = ix.const(ix.nodes[src.node].input[src.input])
             if weight is None:
                 continue
+            require_finite(ix.nodes[src.node].input[src.input], weight, "channel pruning")
             rows = np.moveaxis(weight, src.axis, 0).reshape(weight.shape[src.axis], -1)
             if kind == "l1":
                 add(np.abs(rows).sum(axis=1, dtype=np.float64))

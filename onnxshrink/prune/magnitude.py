@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.data import Sample
+from onnxshrink.errors import UnsupportedModelError
 from onnxshrink.prune._graph import FLOAT_TYPES, GraphIndex, count_parameters, require_weights
 from onnxshrink.prune.config import MagnitudePruneConfig, pattern_matches
 from onnxshrink.prune.report import UNSTRUCTURED_NOTE, LayerSparsity, MagnitudePruneReport
@@ -96,6 +97,13 @@ def _select(model: onnx.ModelProto, config: MagnitudePruneConfig) -> list[Weight
     return weights
 
 
+def require_finite(name: str, array: np.ndarray, what: str) -> None:
+    """Refuse a weight holding NaN or inf: no magnitude ranking of it means anything."""
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise UnsupportedModelError(f"weight '{name}' contains {bad} NaN or infinite value(s); {what} cannot rank it")
+
+
 def _zero_smallest(array: np.ndarray, count: int) -> np.ndarray:
     """A copy of ``array`` with its ``count`` smallest magnitudes set to +0.0."""
     flat = array.reshape(-1).copy()
@@ -127,6 +135,8 @@ def prune_magnitude(model: onnx.ModelProto, config: MagnitudePruneConfig) -> Mag
     params_before, bytes_before, gzip_before = count_parameters(model), model.ByteSize(), gzip_size(model)
     arrays = {w.name: numpy_helper.to_array(inits[w.name]) for w in weights}
     chosen = [w for w in weights if w.skipped is None]
+    for w in chosen:
+        require_finite(w.name, arrays[w.name], "magnitude pruning")
     new: dict[str, np.ndarray] = {}
     threshold: float | None = None
     if config.threshold is not None:
@@ -267,6 +277,10 @@ def magnitude_sensitivity(
     from onnxshrink.runtime import make_session, run
 
     config = MagnitudePruneConfig(sparsity=sparsity, exclude=exclude, include_first_last=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    for w in _select(model, config):
+        if w.skipped is None:
+            require_finite(w.name, numpy_helper.to_array(inits[w.name]), "magnitude pruning")
     feeds = [s if isinstance(s, Sample) else Sample(dict(s)) for s in samples]
     reference = make_session(model, threads=threads)
     expected = [run(reference, s.feeds) for s in feeds]

@@ -1,0 +1,117 @@
+"""Every case of the bad-input corpus, three times: one line, its exit code, nothing touched.
+
+Per case and round: the documented exit code; exactly one line on stderr, starting
+``onnxshrink: error:``, naming the file and containing the expected text; no traceback; done
+within 30 s; every file under the scratch folder (inputs, canary) byte-for-byte unchanged and
+no file created (no output, no temporary, nothing in the temp dir or the working directory);
+the canary's bytes nowhere in stdout or stderr; no pickle ever unpickled.
+
+Cases that run the model's own graph (a Loop that never ends, a giant allocation) run as a
+subprocess with a hard address-space limit of its own, so that a regression in our bounds
+fails the test instead of hurting the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bad_inputs.corpus import CANARY, CASES, Case, Layout, argv
+from onnxshrink.cli import main
+
+ROUNDS = 3
+DEADLINE_S = 30.0
+# Bounds the commands run under here (the defaults are higher; see onnxshrink.runtime).
+BOUNDS = {"ONNXSHRINK_MAX_RUN_SECONDS": "2", "ONNXSHRINK_MAX_MEMORY": "1G"}
+SAFETY_AS_BYTES = 6 << 30  # the isolated child's own ceiling, far above our bound
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: its type, and for regular files the hash of the bytes."""
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                entries[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                entries[str(path)] = "link->" + os.readlink(path)
+            else:
+                entries[str(path)] = oct(stat.S_IFMT(st.st_mode))
+    return entries
+
+
+def _run_isolated(args: list[str], cwd: Path, tmp: Path) -> tuple[int, str, str]:
+    env = {**os.environ, **BOUNDS, "TMPDIR": str(tmp), "PYTHONWARNINGS": "ignore"}
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (SAFETY_AS_BYTES, SAFETY_AS_BYTES))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxshrink", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        preexec_fn=limit,
+        timeout=DEADLINE_S,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("round_", range(ROUNDS), ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input(case: Case, round_: int, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    lay = Layout(tmp_path / "scratch")
+    lay.create()
+    built = case.build(lay)
+    args = argv(case, built, lay)
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    before = snapshot(lay.root)
+
+    start = time.monotonic()
+    if case.isolate:
+        code, out, err = _run_isolated(args, cwd, tmp)
+    else:
+        for key, value in BOUNDS.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("TMPDIR", str(tmp))
+        monkeypatch.setattr("tempfile.tempdir", str(tmp))
+        monkeypatch.chdir(cwd)
+        code = main(args)
+        captured = capsys.readouterr()
+        out, err = captured.out, captured.err
+    elapsed = time.monotonic() - start
+
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"{case.name}: expected one line on stderr, got:\n{err}"
+    line = lines[0]
+    assert line.startswith("onnxshrink: error: "), line
+    assert "Traceback" not in err and "Traceback" not in out
+    assert case.message in line, f"{case.name}: {line!r} lacks {case.message!r}"
+    assert str(built.names or built.model) in line, f"{case.name}: {line!r} does not name the file"
+    assert code == case.exit_code, f"{case.name}: exit {code}, expected {case.exit_code}: {line}"
+    assert elapsed < DEADLINE_S
+    assert CANARY not in out.encode() and CANARY not in err.encode()
+    assert snapshot(lay.root) == before, "an input changed, or a file was written"
+    assert not os.listdir(tmp) and not os.listdir(cwd), "temporary files were left behind"
+    assert not lay.pickle_marker.exists(), "a pickle from the data was unpickled"
+
+
+def test_corpus_covers_every_class() -> None:
+    kinds = {c.kind for c in CASES}
+    assert kinds == {"not-a-model", "external-data", "graph", "numeric", "data", "output"}
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.command for c in CASES} >= {"inspect", "int8", "prune", "bench", "distill"}
