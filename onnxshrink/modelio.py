@@ -570,10 +570,14 @@ def _write_temp(folder: Path, stem: str, suffix: str, chunks: Iterator[bytes] | 
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{_TMP_MARK}-{os.getpid()}-{suffix}", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
+            written = 0
             for chunk in chunks:
                 fh.write(chunk)
+                written += len(chunk)
             fh.flush()
             os.fsync(fh.fileno())
+            if os.fstat(fh.fileno()).st_size != written:
+                raise OSError(f"short write ({os.fstat(fh.fileno()).st_size} of {written} bytes)")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -645,8 +649,23 @@ def save_model(
     if external_data is None:
         external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD
 
-    _sweep_stale_temporaries(folder, path.name)
-    previous_data = _our_data_files(path) if path.exists() else set()
+    with _folder_lock(folder):
+        _sweep_stale_temporaries(folder, path.name)
+        data_name = _write_pair(model, path, external_data)
+        # The pair is switched; every other data file of this output is now unreferenced
+        # (the previous output's, or one left by a save killed between its two renames).
+        _sweep_data_files(folder, path.name, keep=data_name)
+    return path
+
+
+def _write_pair(model: onnx.ModelProto, path: Path, external_data: bool) -> str | None:
+    """Write the data file (if any) and the model through temporaries; switch them in place.
+
+    Order: both temporaries complete and synced, then the data file is renamed to its final,
+    content-addressed name (nothing references it yet), then the model is renamed over the
+    output: the single step that switches from the previous pair to the new one.
+    """
+    folder = path.parent
     temporaries: list[Path] = []
     try:
         data_name = None
@@ -676,31 +695,39 @@ def save_model(
         for tmp in temporaries:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    # Data files of the output we just replaced are no longer referenced by anything we wrote.
-    for stale in previous_data - ({data_name} if data_name else set()):
+    return data_name
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Serialise saves into one folder (an advisory lock on the folder itself: no lock file)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
         with contextlib.suppress(OSError):
-            (folder / stale).unlink()
-    return path
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _data_file_name(model_name: str, digest: str) -> str:
     return f"{model_name}.{digest[:16]}.data"
 
 
-def _our_data_files(path: Path) -> set[str]:
-    """External data files of an existing output that this module wrote (by name pattern)."""
-    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{16}\.data$")
-    try:
-        old = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a broken previous output simply has nothing to clean
-        return set()
-    names = set()
-    for t, _ in iter_tensors(old):
-        if t.data_location == TensorProto.EXTERNAL:
-            loc = external_location(t).get("location", "")
-            if pattern.match(loc) and "/" not in loc:
-                names.add(loc)
-    return names
+def _sweep_data_files(folder: Path, model_name: str, *, keep: str | None) -> None:
+    """Remove this output's data files (``<name>.<16 hex>.data``, a name only we write) but ``keep``."""
+    pattern = re.compile(re.escape(model_name) + r"\.[0-9a-f]{16}\.data$")
+    for entry in folder.iterdir():
+        if entry.name != keep and pattern.match(entry.name):
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(entry).st_mode):
+                    entry.unlink()
 
 
 _ALIGN = 4096
