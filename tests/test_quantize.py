@@ -174,3 +174,62 @@ def test_sensitivity_in_graph_equals_exposed_activations():
     finite = [t for t in exposed if np.isfinite(exposed[t])]
     assert len(finite) > 10
     assert max(abs(in_graph[t] - exposed[t]) for t in finite) < 1e-3
+
+
+def _dense_block_net(seed: int = 0) -> onnx.ModelProto:
+    """DenseNet-style: Conv -> Concat(with its input) -> BatchNorm -> ReLU -> Conv -> pool -> Gemm.
+
+    The BatchNorm follows a Concat, so no convolution can absorb it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name, array):
+        return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    inits = [
+        init("c1.w", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        init("bn.scale", rng.uniform(0.5, 1.5, 11)),
+        init("bn.bias", rng.normal(0, 0.2, 11)),
+        init("bn.mean", rng.normal(0, 0.2, 11)),
+        init("bn.var", rng.uniform(0.5, 1.5, 11)),
+        init("c2.w", rng.normal(0, 0.3, (16, 11, 3, 3))),
+        init("fc.w", rng.normal(0, 0.3, (10, 16))),
+        init("fc.b", rng.normal(0, 0.1, 10)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "c1.w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["input", "c1"], ["cat"], name="concat", axis=1),
+        helper.make_node("BatchNormalization", ["cat", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["bn"], name="norm"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "c2.w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "dense", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_standalone_batchnorm_becomes_an_int8_depthwise_conv():
+    from onnxshrink.quantize.rewrites import batchnorm_to_depthwise_conv
+    from onnxshrink.runtime import make_session
+
+    model = _dense_block_net()
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert batchnorm_to_depthwise_conv(rewritten) == ["norm"]
+    x = {"input": np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    before, after = (make_session(m, threads=1).run(None, x)[0] for m in (model, rewritten))
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # lossless in fp32
+
+    data = RandomDataset(model_input_specs(model), count=60, seed=2)
+    result = quantize_int8(model, data)
+    step = next(s for s in result.prepare.steps if "depthwise" in s["step"])
+    assert step["applied"] and step["nodes"] == 1
+    # The BatchNorm no longer runs in float between Q/DQ: every unit is an int8 kernel.
+    assert result.fusion.unfused == []
+    assert result.fidelity.sqnr_db > 25

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.data import Dataset, Sample
+from onnxshrink.data import Dataset, OutlierWatch, Sample
 from onnxshrink.errors import DataError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
@@ -33,6 +33,7 @@ from onnxshrink.passes.prepare import PrepareReport, prepare
 from onnxshrink.quantize.calibrate import choose_range, collect_stats
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
+from onnxshrink.quantize.rewrites import int8_friendly
 from onnxshrink.quantize.sensitivity import NodeSensitivity, node_sensitivity
 from onnxshrink.runtime import make_session, release_memory
 from onnxshrink.stats import count_macs
@@ -243,6 +244,10 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     prepared, prep_report = prepare(model, checks)
     del model  # the caller may have handed over its only reference
+    if config.provider == "cpu":
+        prepared, step = int8_friendly(prepared, checks)
+        if step is not None:
+            prep_report.steps.append(step)
     ensure_node_names(prepared)
     release_memory()
     macs = count_macs(prepared)
@@ -252,15 +257,17 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     # prepared model, equal to the original's within 1e-4) on the evaluation samples.
     method = "mse" if config.method == "auto" else config.method
     span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
+    outliers = OutlierWatch(dataset.source)
     calibration = collect_stats(
         prepared,
-        iter_range(dataset, span),
+        outliers.watch(iter_range(dataset, span)),
         histogram=method != "minmax",
         calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
         record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
         progress=progress,
         threads=threads,
     )
+    outliers.check()
     ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
     del calibration
