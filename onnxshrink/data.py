@@ -389,6 +389,44 @@ def _check_sample_size(shapes: dict[str, tuple[list[int] | tuple[int, ...], np.d
             )
 
 
+#: A calibration feed whose largest |value| is this many times the median feed's is an
+#: outlier: the int8 range it sets alone would quantize every ordinary input to zero.
+OUTLIER_RATIO = 1000.0
+
+
+class OutlierWatch:
+    """Per-feed peaks of the float inputs, taken as samples stream by (no extra pass).
+
+    Degenerate calibration, decided: a constant input (zero range) is fine, the quantizer
+    gives it scale 1; one sample is accepted with a warning about held-back fidelity; a feed
+    that dwarfs the others (:data:`OUTLIER_RATIO`) is refused by :meth:`check`.
+    """
+
+    def __init__(self, source: str | None = None) -> None:
+        self.source = source
+        self.peaks: dict[str, list[float]] = {}
+
+    def watch(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            for name, array in sample.feeds.items():
+                if np.issubdtype(array.dtype, np.floating):
+                    self.peaks.setdefault(name, []).append(float(np.max(np.abs(array))) if array.size else 0.0)
+            yield sample
+
+    def check(self) -> None:
+        for name, peaks in self.peaks.items():
+            if len(peaks) < 3:
+                continue
+            median, top = float(np.median(peaks)), max(peaks)
+            if median > 0 and top > OUTLIER_RATIO * median:
+                raise DataError(
+                    f"calibration data for input '{name}' is dominated by an outlier: sample {peaks.index(top)} "
+                    f"reaches |x| = {top:.3g}, {top / median:.3g} times the median sample's {median:.3g}; int8 "
+                    "ranges set by it would quantize every ordinary input to zero (remove or fix that sample)",
+                    path=self.source if self.source != "random" else None,
+                )
+
+
 def _label(values: np.ndarray) -> int | np.ndarray:
     """One int for a one-sample feed, the array of labels for a batch."""
     flat = np.asarray(values).reshape(-1).astype(np.int64)

@@ -24,8 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from bad_inputs.corpus import CANARY, CASES, Case, Layout, argv
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bad_inputs.corpus import CANARY, CASES, Case, Layout, argv, base_model, save
 from onnxshrink.cli import main
+from onnxshrink.testing import run_ort
 
 ROUNDS = 3
 DEADLINE_S = 30.0
@@ -115,3 +120,27 @@ def test_corpus_covers_every_class() -> None:
     assert len(CASES) >= 40
     assert len({c.name for c in CASES}) == len(CASES)
     assert {c.command for c in CASES} >= {"inspect", "int8", "prune", "bench", "distill"}
+
+
+@pytest.mark.parametrize(
+    "name, samples",
+    [
+        ("constant-zero", np.zeros((24, 3, 8, 8), np.float32)),  # zero range: scale 1 by choice
+        ("constant-seven", np.full((24, 3, 8, 8), 7.0, np.float32)),
+        ("single-sample", np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)),
+    ],
+)
+def test_degenerate_calibration_gives_valid_scales(name: str, samples: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Documented safe choices: the model is written, every scale finite and positive, outputs finite."""
+    model_path = save(base_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", input=samples)
+    out = tmp_path / "q.onnx"
+    code = main(["shrink", str(model_path), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--no-timing"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    quantized = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    scales = [inits[n.input[1]] for n in quantized.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(np.all(np.isfinite(s)) and np.all(s > 0) for s in scales)
+    feeds = {"input": np.concatenate([samples[:1], np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)])}
+    assert np.all(np.isfinite(run_ort(quantized, feeds)[0]))

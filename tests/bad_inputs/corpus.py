@@ -553,6 +553,12 @@ def b_npz_huge_header(lay: Layout) -> Built:
     return Built(_good(lay), calib=path, names=path)
 
 
+def b_near_max(lay: Layout) -> Built:
+    """Finite inputs near float32's maximum: the first Conv overflows to inf while calibrating."""
+    path = _calib(lay, {"input": np.full((24, 3, 8, 8), 3e38, np.float32)}, "near_max.npz")
+    return Built(_good(lay), calib=path)
+
+
 def b_corrupt_image(lay: Layout) -> Built:
     from PIL import Image
 
@@ -694,6 +700,8 @@ CASES: list[Case] = [
     Case("calib-huge-header", "data", "int8", "forged header", B, b_npz_huge_header),
     Case("calib-corrupt-image", "data", "int8", "cannot read image", B, b_corrupt_image),
     Case("calib-fifo", "data", "int8", "regular file", B, b_data_fifo),
+    Case("calib-outlier-dominated", "data", "int8", "dominated by an outlier", B, b_calib(lambda: _with(1e30))),
+    Case("calib-near-float-max", "numeric", "int8", "NaN or infinite during calibration", B, b_near_max),
     Case("distill-nan-data", "data", "distill", "NaN or infinite", B, b_distill_nan_data),
     # outputs
     Case("out-is-input", "output", "int8", "overwrite the input", B, b_out_is_input),
