@@ -15,7 +15,9 @@ Each case ends in one of four outcomes:
   quantized model, non-finite weights), listed in the summary;
 * ``ort``: onnxruntime itself cannot run the *original* model, or its own outputs differ
   from the expected ones; these are listed, with the first line of the reason, in
-  ``onnx_corpus_known.json``;
+  ``onnx_corpus_known.json``. Where onnxruntime runs the original deterministically but
+  disagrees with the wheel, the prepared model must still reproduce onnxruntime's outputs
+  (else the case is ``failed``);
 * ``failed``: anything else, including a preparation step that the prepare guard had to
   drop because it moved the outputs. This is a bug in onnxshrink.
 
@@ -80,7 +82,8 @@ class Case:
 class Outcome:
     status: str  # passed | refused | ort | failed
     reason: str = ""
-    applied: tuple[str, ...] = ()  # the preparation steps that changed the model (when passed)
+    applied: tuple[str, ...] = ()  # the preparation steps that changed the model
+    step_failures: tuple[str, ...] = ()  # "<step>: <reason>" of steps that raised and were skipped
 
 
 # ----------------------------------------------------------------- reading the corpus
@@ -208,9 +211,12 @@ def compare(expected: Any, actual: Any, rtol: float, atol: float, where: str = "
     return None
 
 
-def _check_outputs(session: Any, case: Case, model: onnx.ModelProto) -> str | None:
-    for inputs, expected in case.data_sets:
-        actual = session.run(None, _feeds(model, inputs))
+def _run_all(session: Any, case: Case, model: onnx.ModelProto) -> list[list[Any]]:
+    return [session.run(None, _feeds(model, inputs)) for inputs, _ in case.data_sets]
+
+
+def _first_difference(expected_sets: list[list[Any]], actual_sets: list[list[Any]], case: Case) -> str | None:
+    for expected, actual in zip(expected_sets, actual_sets):
         for i, (e, a) in enumerate(zip(expected, actual)):
             why = compare(e, a, case.rtol, case.atol, f"output {i}")
             if why:
@@ -226,12 +232,18 @@ def run_case(case: Case, scratch: Path) -> Outcome:
         model, _ = load_model(src)
     except ShrinkError as exc:
         return _refusal(exc, "load")
+    expected = [outputs for _, outputs in case.data_sets]
     try:  # can onnxruntime run the original at all, and does it agree with the wheel?
-        why = _check_outputs(_session(case.model), case, case.model)
+        original = _run_all(_session(case.model), case, case.model)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         return Outcome("ort", _first_line(exc))
-    if why:
-        return Outcome("ort", f"onnxruntime's own {why}")
+    ort_why = _first_difference(expected, original, case)
+    if ort_why:
+        # onnxruntime runs it but computes something else than the wheel expects: the passes
+        # must still reproduce onnxruntime's own outputs, when those are deterministic.
+        if _first_difference(original, _run_all(_session(case.model), case, case.model), case):
+            return Outcome("ort", f"onnxruntime's own {ort_why} (and not deterministic)")
+        expected = original
     inputs = case.data_sets[0][0]
     samples = [Sample(_feeds(model, inputs))]
     try:
@@ -247,12 +259,16 @@ def run_case(case: Case, scratch: Path) -> Outcome:
     except Exception as exc:  # noqa: BLE001
         return Outcome("failed", f"prepared model does not load: {_first_line(exc)}")
     try:
-        why = _check_outputs(session, case, prepared)
+        why = _first_difference(expected, _run_all(session, case, prepared), case)
     except Exception as exc:  # noqa: BLE001
         return Outcome("failed", f"prepared model does not run: {_first_line(exc)}")
     if why:
-        return Outcome("failed", f"prepared model's {why}")
-    return Outcome("passed", applied=tuple(s["step"].split(" ")[0] for s in report.steps if s["applied"]))
+        against = "onnxruntime's outputs on the original" if ort_why else "the expected outputs"
+        return Outcome("failed", f"prepared model's {why} (against {against})")
+    applied = tuple(s["step"].split(" ")[0] for s in report.steps if s["applied"])
+    step_failures = tuple(f"{s['step'].split(' ')[0]}: {s['reason']}" for s in report.steps if not s["applied"])
+    status, reason = ("ort", f"onnxruntime's own {ort_why}") if ort_why else ("passed", "")
+    return Outcome(status, reason, applied=applied, step_failures=step_failures)
 
 
 def _refusal(exc: ShrinkError, stage: str) -> Outcome:
@@ -275,15 +291,16 @@ def run_corpus(cases: list[Case]) -> dict[str, Outcome]:
         logging.disable(logging.NOTSET)
 
 
-def load_known() -> dict[str, str]:
-    return json.loads(KNOWN_FILE.read_text())["ort_cannot_run"]
+def load_known(section: str = "ort_cannot_run") -> dict[str, str]:
+    return json.loads(KNOWN_FILE.read_text())[section]
 
 
 def summary(results: dict[str, Outcome]) -> str:
     counts = Counter(o.status for o in results.values())
-    steps = Counter(step for o in results.values() for step in o.applied)
+    steps = Counter(step for o in results.values() if o.status == "passed" for step in o.applied)
     lines = [f"{len(results)} cases: " + ", ".join(f"{k} {counts[k]}" for k in ("passed", "refused", "ort", "failed"))]
     lines.append("  steps applied in passed cases: " + ", ".join(f"{k} {v}" for k, v in sorted(steps.items())))
+    lines += [f"  step failed (skipped): {k}: {f}" for k, o in sorted(results.items()) for f in o.step_failures]
     for status in ("failed", "refused"):
         lines += [f"  {status}: {k}: {o.reason}" for k, o in sorted(results.items()) if o.status == status]
     return "\n".join(lines)
@@ -315,12 +332,23 @@ def test_cases_onnxruntime_cannot_run_are_exactly_the_known_ones(results):
     )
 
 
+def test_preparation_steps_fail_only_where_known(results):
+    """A step that raises is skipped (the model stays correct), but is a lost optimisation:
+    each one must be a known limitation of onnxruntime/onnx, not a regression of ours."""
+    known = load_known("step_failures")
+    now = {k: "; ".join(o.step_failures) for k, o in results.items() if o.step_failures}
+    new = sorted(set(now) - set(known))
+    healed = sorted(k for k in set(known) - set(now) if k in results)
+    assert not new, "preparation steps now fail on:\n" + "\n".join(f"{k}: {now[k]}" for k in new)
+    assert not healed, "these known step failures are gone; remove them from onnx_corpus_known.json:\n" + "\n".join(healed)
+
+
 def test_corpus_is_whole(results):
     """The corpus really ran: the wheel's cases are all there, most pass, and the passes acted."""
     counts = Counter(o.status for o in results.values())
     assert len(results) >= 1900
     assert counts["passed"] >= 0.7 * len(results)
-    steps = Counter(step for o in results.values() for step in o.applied)
+    steps = Counter(step for o in results.values() if o.status == "passed" for step in o.applied)
     assert steps["fold"] >= 0.95 * counts["passed"]  # onnxruntime's optimiser, saved and reloaded
     assert steps["opset"] >= 20  # opset 11/12 models upgraded to 13
     assert steps["remove"] == counts["passed"]
@@ -331,15 +359,19 @@ def test_corpus_is_whole(results):
 def _write_known() -> int:
     results = run_corpus(load_corpus())
     known = {k: o.reason for k, o in sorted(results.items()) if o.status == "ort"}
+    step_failures = {k: "; ".join(o.step_failures) for k, o in sorted(results.items()) if o.step_failures}
     import onnx as _onnx
 
     payload = {
-        "about": "Cases of the onnx wheel's test corpus that onnxruntime itself cannot run (or whose "
-        "outputs it computes differently), with the first line of the reason. Written by "
-        "`python tests/test_onnx_corpus.py --write-known`; read by tests/test_onnx_corpus.py.",
+        "about": "ort_cannot_run: cases of the onnx wheel's test corpus that onnxruntime itself cannot "
+        "run (or whose outputs it computes differently), with the first line of the reason. "
+        "step_failures: cases where a preparation step raised and was skipped (a limitation of "
+        "onnxruntime/onnx, not of the model). Written by `python tests/test_onnx_corpus.py "
+        "--write-known`; read by tests/test_onnx_corpus.py.",
         "onnx": _onnx.__version__,
         "onnxruntime": ort.__version__,
         "ort_cannot_run": known,
+        "step_failures": step_failures,
     }
     KNOWN_FILE.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
     print(summary(results))
