@@ -14,13 +14,14 @@ of 2**62). Every session made here is therefore bounded:
   the run fails with a one-line error. ``ONNXSHRINK_MAX_RUN_SECONDS`` (``0``: off), default
   300. A single kernel that never returns is not interrupted.
 
-The two guards cost about 10-15 microseconds per run (reading the process's mapped size
-is most of it): nothing next to a real model's run, visible only on sub-0.1 ms models.
+The two guards cost about 10 microseconds per run (the mapped size is re-read at most every
+10 ms; a run that fails for memory under a cached figure is retried with a fresh one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -99,25 +100,50 @@ def human_bytes(n: int) -> str:
 
 
 class _AddressSpace:
-    """Temporarily lower the soft RLIMIT_AS to (mapped now + extra); nested uses are no-ops."""
+    """Temporarily lower the soft RLIMIT_AS to (mapped now + extra); nested uses are no-ops.
+
+    Reading the mapped size costs a few microseconds, so within :data:`REFRESH_SECONDS` of the
+    last reading the cached figure is used; a run that then fails for memory is retried once
+    with a fresh one (:meth:`refresh_if_stale`), so a stale figure never causes a false error.
+    """
+
+    REFRESH_SECONDS = 0.01
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
         self._saved: tuple[int, int] | None = None
         self._statm: int | None = None
+        self._pid = -1
+        self._mapped = 0
+        self._stamp = -1.0
+        self.cached = False  # whether the last enter() used a cached figure
         try:
             import resource
 
             self._resource: Any = resource
-            self._statm = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._page = os.sysconf("SC_PAGE_SIZE")
+            self.mapped()
         except (ImportError, OSError, ValueError):
             self._resource = None
 
     def mapped(self) -> int:
-        assert self._statm is not None
-        return int(os.pread(self._statm, 64, 0).split()[0]) * self._page
+        if self._pid != os.getpid():  # /proc/self was resolved when opened: reopen after fork
+            if self._statm is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._statm)
+            self._statm = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._pid = os.getpid()
+        self._mapped = int(os.pread(self._statm, 64, 0).split()[0]) * self._page
+        self._stamp = time.monotonic()
+        return self._mapped
+
+    def refresh_if_stale(self) -> bool:
+        """After a failure under a cached figure: re-read it; True if it had grown (retry)."""
+        if not self.cached or self._resource is None:
+            return False
+        before = self._mapped
+        return self.mapped() > before
 
     def enter(self, extra: int | None) -> None:
         """Lower the limit (pair every call with :meth:`exit`; plain calls: this runs per ``run``)."""
@@ -128,7 +154,8 @@ class _AddressSpace:
             self._depth += 1
             if self._depth == 1:
                 soft, hard = res.getrlimit(res.RLIMIT_AS)
-                want = self.mapped() + extra
+                self.cached = self._pid == os.getpid() and time.monotonic() - self._stamp < self.REFRESH_SECONDS
+                want = (self._mapped if self.cached else self.mapped()) + extra
                 if hard != res.RLIM_INFINITY:
                     want = min(want, hard)
                 if soft == res.RLIM_INFINITY or want < soft:
@@ -159,46 +186,45 @@ _ADDRESS_SPACE = _AddressSpace()
 class _Watchdog:
     """One daemon thread that raises ``RunOptions.terminate`` on runs past their deadline.
 
-    Registering a run is a dict insert under a lock; the thread polls every
-    :data:`POLL_SECONDS` instead of being woken per run (waking it costs ~100 us a run).
+    Registering a run is one dict insert (atomic under the GIL, no lock); the thread polls
+    every :data:`POLL_SECONDS` instead of being woken per run (waking it costs ~100 us a run).
     """
 
     POLL_SECONDS = 0.25
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._active: dict[int, tuple[float, Any, list[bool]]] = {}
-        self._next = 0
+        self._keys = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._start_lock = threading.Lock()
 
     def start(self, run_options: Any, seconds: float | None) -> tuple[int, list[bool]]:
         """Watch a run; returns the key for :meth:`stop` and a flag set if the deadline passed."""
         fired = [False]
         if seconds is None:
             return 0, fired
-        with self._lock:
-            self._next += 1
-            key = self._next
-            self._active[key] = (time.monotonic() + seconds, run_options, fired)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="onnxshrink-watchdog", daemon=True)
-                self._thread.start()
+        key = next(self._keys)
+        self._active[key] = (time.monotonic() + seconds, run_options, fired)
+        if self._pid != os.getpid():  # first run, or a forked child (threads do not survive fork)
+            with self._start_lock:
+                if self._pid != os.getpid():
+                    self._thread = threading.Thread(target=self._loop, name="onnxshrink-watchdog", daemon=True)
+                    self._thread.start()
+                    self._pid = os.getpid()
         return key, fired
 
     def stop(self, key: int) -> None:
-        if key:
-            with self._lock:
-                self._active.pop(key, None)
+        self._active.pop(key, None)
 
     def _loop(self) -> None:
         while True:
             time.sleep(self.POLL_SECONDS)
             now = time.monotonic()
-            with self._lock:
-                for deadline, run_options, fired in self._active.values():
-                    if now >= deadline and not fired[0]:
-                        fired[0] = True
-                        run_options.terminate = True
+            for deadline, run_options, fired in list(self._active.values()):
+                if now >= deadline and not fired[0]:
+                    fired[0] = True
+                    run_options.terminate = True
 
 
 _WATCHDOG = _Watchdog()
@@ -329,22 +355,27 @@ class GuardedSession:
         run_options = run_options if run_options is not None else self._run_options()
         bound, seconds = self._bounds
         key, fired = _WATCHDOG.start(run_options, seconds)
-        _ADDRESS_SPACE.enter(bound)
         try:
-            return list(self._session.run(output_names, feeds, run_options))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            if fired[0]:
-                raise ShrinkError(
-                    f"running the model took longer than its time bound of {seconds:g} s (a Loop "
-                    f"that never ends?); if the model is trusted, raise it with {MAX_RUN_SECONDS_ENV}=3600 (0: no bound)"
-                ) from None
-            memory = _memory_error(exc, bound)
-            if memory is not None:
-                raise memory from None
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            raise ShrinkError(f"onnxruntime failed to run the model: {text[:300]}") from exc
+            for attempt in (0, 1):
+                _ADDRESS_SPACE.enter(bound)
+                try:
+                    return list(self._session.run(output_names, feeds, run_options))
+                except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                    if fired[0]:
+                        raise ShrinkError(
+                            f"running the model took longer than its time bound of {seconds:g} s (a Loop "
+                            f"that never ends?); if the model is trusted, raise it with {MAX_RUN_SECONDS_ENV}=3600 (0: no bound)"
+                        ) from None
+                    memory = _memory_error(exc, bound)
+                    if memory is None:
+                        text = " ".join(str(exc).split()) or type(exc).__name__
+                        raise ShrinkError(f"onnxruntime failed to run the model: {text[:300]}") from exc
+                    if attempt == 1 or not _ADDRESS_SPACE.refresh_if_stale():
+                        raise memory from None
+                finally:
+                    _ADDRESS_SPACE.exit(bound)
+            raise AssertionError("unreachable")  # pragma: no cover
         finally:
-            _ADDRESS_SPACE.exit(bound)
             _WATCHDOG.stop(key)
 
     def __getattr__(self, name: str) -> Any:

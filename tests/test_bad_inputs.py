@@ -144,3 +144,27 @@ def test_degenerate_calibration_gives_valid_scales(name: str, samples: np.ndarra
     assert scales and all(np.all(np.isfinite(s)) and np.all(s > 0) for s in scales)
     feeds = {"input": np.concatenate([samples[:1], np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)])}
     assert np.all(np.isfinite(run_ort(quantized, feeds)[0]))
+
+
+@pytest.mark.timeout(30)
+def test_run_bounds_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds as a library user meets them: one-line errors, the limit restored after."""
+    from bad_inputs.corpus import _giant_constant_of_shape, _loop_model
+    from onnxshrink.errors import ShrinkError
+    from onnxshrink.runtime import make_session
+
+    monkeypatch.setenv("ONNXSHRINK_MAX_RUN_SECONDS", "0.5")
+    monkeypatch.setenv("ONNXSHRINK_MAX_MEMORY", "512M")
+    limit_before = resource.getrlimit(resource.RLIMIT_AS)
+    x = {"input": np.ones((1, 4), np.float32)}
+    start = time.monotonic()
+    with pytest.raises(ShrinkError, match="time bound of 0.5 s"):
+        make_session(_loop_model()).run(None, x)
+    assert time.monotonic() - start < 5
+    with pytest.raises(ShrinkError, match="memory bound of 512 MiB"):
+        make_session(_giant_constant_of_shape()).run(None, x)
+    assert resource.getrlimit(resource.RLIMIT_AS) == limit_before
+    # Ordinary work goes on in the same process, under the same bounds.
+    model = base_model()
+    out = make_session(model).run(None, {"input": np.ones((2, 3, 8, 8), np.float32)})
+    assert out[0].shape == (2, 10) and np.all(np.isfinite(out[0]))
