@@ -111,3 +111,27 @@ def test_smoke_run_finds_no_crash_or_hang(seeds: Path, tmp_path: Path, monkeypat
             found.append(f"{path.name}: {target.signature(exc)}")
     assert proc.returncode == 0 and not artifacts, f"fuzz smoke run failed (rc {proc.returncode}): {found}\n{log[-2000:]}"
     assert "Done 300 runs" in log, log[-2000:]
+
+
+def test_the_property_a_shrink_error_passes_anything_else_crashes(monkeypatch: pytest.MonkeyPatch):
+    from onnxshrink.errors import ModelLoadError
+
+    def refuse(*_args, **_kwargs):
+        raise ModelLoadError("not a model")
+
+    def crash(*_args, **_kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(target, "shrink", refuse)
+    target.run_one(b"anything")  # a refusal is the right answer
+    monkeypatch.setattr(target, "shrink", crash)
+    with pytest.raises(KeyError):
+        target.run_one(b"anything")
+    # A reported, open crash is counted (not raised) unless strict.
+    monkeypatch.setattr(target, "_KNOWN", {"KeyError in test_fuzz_smoke.py:crash": {}})
+    monkeypatch.setattr(target, "STRICT", False)
+    target.run_one(b"anything")
+    assert target.known_hits["KeyError in test_fuzz_smoke.py:crash"] >= 1
+    monkeypatch.setattr(target, "STRICT", True)
+    with pytest.raises(KeyError):
+        target.run_one(b"anything")
