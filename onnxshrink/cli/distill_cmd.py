@@ -16,7 +16,7 @@ import click
 from onnxshrink.cli._options import MODEL_PATH, echo_json, json_option
 from onnxshrink.data import DataOptions, open_dataset
 from onnxshrink.errors import ModelSaveError
-from onnxshrink.modelio import load_model
+from onnxshrink.modelio import check_output_path, load_model
 from onnxshrink.report import format_table, section
 
 if TYPE_CHECKING:
@@ -223,6 +223,7 @@ def _check_output(output: str, inputs: list[str]) -> None:
     for source in inputs:
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ModelSaveError("output would overwrite an input model; choose another -o path", path=path)
+    check_output_path(path)  # a symbolic link, a non-file or an unwritable folder: before training
 
 
 def _pct(x: float | None) -> str:

@@ -624,6 +624,11 @@ def b_out_fifo(lay: Layout) -> Built:
     return Built(_good(lay), output=lay.out / "result.onnx", names=lay.out / "result.onnx")
 
 
+def b_report_is_file(lay: Layout) -> Built:
+    (lay.out / "report").write_text("not a folder")
+    return Built(_good(lay), extra=["--report", str(lay.out / "report")], names=lay.out / "report")
+
+
 def b_out_read_only(lay: Layout) -> Built:
     if os.geteuid() == 0:  # root writes through permission bits; /sys refuses file creation
         out = Path("/sys/onnxshrink-result.onnx")
@@ -711,4 +716,7 @@ CASES: list[Case] = [
     Case("out-symlink", "output", "prune", "symbolic link", B, b_out_symlink),
     Case("out-fifo", "output", "int8", "not a regular file", B, b_out_fifo),
     Case("out-read-only-folder", "output", "int8", "cannot write", B, b_out_read_only),
+    Case("distill-out-symlink", "output", "distill", "symbolic link", B, b_out_symlink),
+    Case("distill-out-is-student", "output", "distill", "overwrite", B, b_out_is_input),
+    Case("bench-report-dir-is-file", "output", "bench", "report", U, b_report_is_file),
 ]
