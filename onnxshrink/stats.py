@@ -233,16 +233,18 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
     return skeleton
 
 
-def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str, Shape]:
+def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False, merge_dims: bool = True) -> dict[str, Shape]:
     """Shapes of every value that shape inference can work out (best effort).
 
     onnx's inference (with data propagation) is fast but stops at shapes computed at run
     time, e.g. the ``Shape -> Div -> Reshape`` of a channel shuffle; ``symbolic=True`` uses
     onnxruntime's symbolic shape inference, which evaluates such shape arithmetic.
+    ``merge_dims=False`` keeps it from guessing (e.g. that a symbolic dim broadcast against
+    a number equals that number): for rewrites that must be exact.
     """
     try:
         if symbolic:
-            inferred = _symbolic_infer(model)
+            inferred = _symbolic_infer(model, auto_merge=merge_dims)
         else:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; report, don't fail
@@ -259,14 +261,14 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False) -> dict[str,
     return shapes
 
 
-def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+def _symbolic_infer(model: onnx.ModelProto, *, auto_merge: bool = True) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference, keeping what it could infer.
 
     Its own ``infer_shapes`` entry point, when some shape stays unknown, saves the model as
     ``sym_shape_infer_temp.onnx`` (plus data files) in the current directory and raises: a
     tool run in a user's folder must not litter it, and the partial result is still useful.
     """
-    inference = _symbolic_shape_inference()(2**31 - 1, True, False, 0)
+    inference = _symbolic_shape_inference()(2**31 - 1, auto_merge, False, 0)
     inference._preprocess(model)
     while inference.run_:
         inference._infer_impl()
@@ -294,6 +296,8 @@ def _symbolic_shape_inference() -> Any:
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
+        # Its warnings ("unsupported broadcast ...") are about its own guesses, not the user's model.
+        logging.getLogger(name).setLevel(logging.ERROR)
     return module.SymbolicShapeInference
 
 

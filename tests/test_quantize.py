@@ -233,3 +233,59 @@ def test_standalone_batchnorm_becomes_an_int8_depthwise_conv():
     # The BatchNorm no longer runs in float between Q/DQ: every unit is an int8 kernel.
     assert result.fusion.unfused == []
     assert result.fidelity.sqnr_db > 25
+
+
+def _shuffle_net() -> onnx.ModelProto:
+    """A channel shuffle whose reshape targets are computed from Shape(x), batch dynamic."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value, np.int64), name)
+
+    inits = [
+        const("zero", [0]), const("one", 1), const("two", 2), const("i0", 0), const("i1", 1), const("s2", [2]), const("s4", [4]),
+        numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["x"], name="conv"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "i0"], ["n"], name="batch"),
+        helper.make_node("Gather", ["shape", "i1"], ["c"], name="channels"),
+        helper.make_node("Div", ["c", "two"], ["half"], name="half"),
+        helper.make_node("Slice", ["shape", "s2", "s4"], ["hw"], name="hw"),
+        helper.make_node("Unsqueeze", ["n", "zero"], ["n1"], name="n1"),
+        helper.make_node("Unsqueeze", ["half", "zero"], ["half1"], name="half1"),
+        helper.make_node("Concat", ["n1", "s2", "half1", "hw"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["grouped"], name="group"),
+        helper.make_node("Transpose", ["grouped"], ["swapped"], name="swap", perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Shape", ["x"], ["shape2"], name="shape2"),
+        helper.make_node("Reshape", ["swapped", "shape2"], ["output"], name="ungroup"),
+    ]
+    graph = helper.make_graph(
+        nodes, "shuffle", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, 6, 6])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_static_shape_reads_fold_and_the_batch_stays_dynamic():
+    from onnxshrink.quantize.rewrites import fold_static_shape_reads
+
+    model = _shuffle_net()
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_static_shape_reads(folded) == 2  # channels and H, W; not the batch
+    assert sum(n.op_type == "Shape" for n in folded.graph.node) == 2  # the batch and shape2 still read at run time
+    for batch in (1, 3):
+        x = {"input": np.random.default_rng(batch).standard_normal((batch, 4, 6, 6)).astype(np.float32)}
+        expected, got = (make_session(m, threads=1).run(None, x)[0] for m in (model, folded))
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_shape_of_a_dequantized_tensor_reads_the_quantized_one():
+    model = _shuffle_net()
+    result = quantize_int8(model, RandomDataset(model_input_specs(model), count=20, seed=0))
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    shape_sources = [producers.get(n.input[0]) for n in result.model.graph.node if n.op_type == "Shape"]
+    assert shape_sources and "DequantizeLinear" not in shape_sources
+    assert result.fidelity.sqnr_db > 30

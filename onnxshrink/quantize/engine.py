@@ -21,8 +21,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.errors import ShrinkError
-from onnxshrink.passes.cleanup import topological_sort
+from onnxshrink.passes.cleanup import cleanup, topological_sort
 from onnxshrink.quantize.config import Int8Config
+from onnxshrink.quantize.rewrites import shapes_from_quantized
 from onnxshrink.stats import weightless_copy
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def build_qdq(
         root.setLevel(previous)
     _drop_metadata(quantized, _INFERRED_KEY)
     topological_sort(quantized.graph)
+    if shapes_from_quantized(quantized):
+        cleanup(quantized)  # the DequantizeLinear nodes only a Shape read
     check_scales(quantized)
     return quantized
 

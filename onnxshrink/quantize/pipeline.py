@@ -245,9 +245,8 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     prepared, prep_report = prepare(model, checks)
     del model  # the caller may have handed over its only reference
     if config.provider == "cpu":
-        prepared, step = int8_friendly(prepared, checks)
-        if step is not None:
-            prep_report.steps.append(step)
+        prepared, steps = int8_friendly(prepared, checks)
+        prep_report.steps += steps
     ensure_node_names(prepared)
     release_memory()
     macs = count_macs(prepared)

@@ -78,24 +78,148 @@ def _fresh(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def int8_friendly(model: onnx.ModelProto, samples: list[Sample]) -> tuple[onnx.ModelProto, dict[str, object] | None]:
+def fold_static_shape_reads(model: onnx.ModelProto, *, max_rounds: int = 8) -> int:
+    """``Gather``/``Slice`` of a ``Shape`` whose picked dims are static -> constants (in place).
+
+    With a dynamic batch dimension the whole ``Shape`` output is not constant, so nothing
+    folds, yet the channel, height and width that exporters read from it usually are.
+    Folding those reads lets the arithmetic after them (Div, Mul, Unsqueeze, Concat) fold
+    too: ShuffleNet's channel shuffles otherwise run ~400 tiny int64 nodes per inference.
+    Returns the number of reads folded.
+    """
+    graph = model.graph
+    if not any(n.op_type == "Shape" for n in graph.node):
+        return 0
+    folded = 0
+    for _ in range(max_rounds):
+        # onnxruntime's symbolic inference evaluates the shape arithmetic between one
+        # reshape and the next, which onnx's own inference leaves unknown.
+        shapes = infer_shapes(weightless_copy(model), symbolic=True, merge_dims=False)
+        constants = {t.name: t for t in graph.initializer}
+        producers = {out: node for node in graph.node for out in node.output}
+        values: dict[str, np.ndarray] = {}
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx") or not node.input or len(node.output) != 1:
+                continue
+            source = producers.get(node.input[0])
+            if source is None or source.op_type != "Shape" or source.domain not in ("", "ai.onnx"):
+                continue
+            dims = _shape_read(source, shapes)
+            if dims is None:
+                continue
+            value = _static_pick(node, dims, constants)
+            if value is not None:
+                values[node.output[0]] = value
+        if not values:
+            break
+        kept = [n for n in graph.node if not (len(n.output) == 1 and n.output[0] in values)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in values.items())
+        folded += len(values)
+    if folded:
+        from onnxshrink.passes.cleanup import cleanup
+
+        cleanup(model)
+    return folded
+
+
+def _shape_read(shape_node: onnx.NodeProto, shapes: dict[str, list[int | str | None]]) -> list[int | None] | None:
+    """The dims a Shape node returns (None where not static), honouring start/end (opset 15)."""
+    dims = shapes.get(shape_node.input[0])
+    if dims is None:
+        return None
+    static = [d if isinstance(d, int) and d >= 0 else None for d in dims]
+    attrs = {a.name: a.i for a in shape_node.attribute}
+    start, end = attrs.get("start", 0), attrs.get("end", len(static))
+    return static[slice(start, end)]
+
+
+def _static_pick(node: onnx.NodeProto, dims: list[int | None], constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The value of ``Gather``/``Slice`` on a shape vector, if the dims it picks are static."""
+    def constant(index: int) -> np.ndarray | None:
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        tensor = constants.get(node.input[index])
+        return None if tensor is None else numpy_helper.to_array(tensor).astype(np.int64)
+
+    if node.op_type == "Gather":
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            return None
+        indices = constant(1)
+        if indices is None or np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
+            return None
+        picked = np.take(np.array(dims, dtype=object), indices)
+    elif node.op_type == "Slice" and len(node.input) >= 3:
+        starts, ends, axes, steps = constant(1), constant(2), constant(3), constant(4)
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+            return None
+        if (len(node.input) > 3 and node.input[3] and (axes is None or axes.reshape(-1)[0] not in (0, -1))) or (
+            len(node.input) > 4 and node.input[4] and steps is None
+        ):
+            return None
+        step = 1 if steps is None else int(steps.reshape(-1)[0])
+        if step == 0:
+            return None
+        begin, stop = (int(np.clip(v, -(2**62), 2**62)) for v in (starts.reshape(-1)[0], ends.reshape(-1)[0]))
+        picked = np.array(dims, dtype=object)[slice(begin, stop, step)]
+    else:
+        return None
+    if any(d is None for d in np.atleast_1d(picked)):
+        return None
+    return np.array(picked, dtype=np.int64)
+
+
+def int8_friendly(model: onnx.ModelProto, samples: list[Sample]) -> tuple[onnx.ModelProto, list[dict[str, object]]]:
     """``model`` with the rewrites above applied, if they leave its outputs unchanged.
 
     Returns the model to quantize (``model`` itself when nothing applied or the check failed)
-    and a report entry for the preparation steps (None when nothing applied).
+    and report entries for the preparation steps (empty when nothing applied).
     """
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
-    names = batchnorm_to_depthwise_conv(rewritten)
-    if not names:
-        return model, None
-    step = "standalone BatchNormalization -> depthwise 1x1 Conv (int8 kernel)"
+    done = [
+        (step, count)
+        for step, rewrite in (
+            ("static dims read from Shape -> constants", lambda m: fold_static_shape_reads(m)),
+            ("standalone BatchNormalization -> depthwise 1x1 Conv (int8 kernel)", lambda m: len(batchnorm_to_depthwise_conv(m))),
+        )
+        if (count := rewrite(rewritten))
+    ]
+    if not done:
+        return model, []
+    step = "; ".join(name for name, _ in done)
     try:
         error = max_relative_error(outputs_on(model, samples), outputs_on(rewritten, samples))
     except Exception as exc:  # noqa: BLE001 - an optional rewrite that fails is skipped
         log.warning("preparation step '%s' failed and was skipped: %s", step, str(exc).splitlines()[0] if str(exc) else exc)
-        return model, {"step": step, "applied": False, "reason": f"failed: {type(exc).__name__}"}
+        return model, [{"step": step, "applied": False, "reason": f"failed: {type(exc).__name__}"}]
     if error > LOSSLESS_RTOL:
         log.warning("preparation step '%s' changed outputs by %.2g (relative); skipped", step, error)
-        return model, {"step": step, "applied": False, "reason": f"outputs moved by {error:.2g}"}
-    return rewritten, {"step": step, "applied": True, "nodes": len(names), "max_relative_error": error}
+        return model, [{"step": step, "applied": False, "reason": f"outputs moved by {error:.2g}"}]
+    return rewritten, [{"step": name, "applied": True, "nodes": count, "max_relative_error": error} for name, count in done]
+
+
+#: Ops that read only the shape (or element count) of their input, never its values.
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def shapes_from_quantized(model: onnx.ModelProto) -> int:
+    """``Shape(DequantizeLinear(q))`` -> ``Shape(q)`` (in place); returns how many were rewired.
+
+    Exporters compute reshapes from run-time shapes (ShuffleNet's channel shuffle reads
+    ``x.size()`` ~30 times). After quantization, each such Shape keeps a DequantizeLinear
+    alive that converts a whole activation to float just so its shape can be read; the
+    quantized tensor has the same shape. The DequantizeLinear nodes left without readers
+    are removed by the clean-up.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type not in _SHAPE_READERS or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "DequantizeLinear" and source.domain in ("", "ai.onnx"):
+            node.input[0] = source.input[0]
+            rewired += 1
+    return rewired
