@@ -126,6 +126,14 @@ def test_search_is_deterministic_given_verdicts():
     assert a[7] == ["prune0.5-align16+distill5+int8-auto-pc"] and a[8] == ["prune0.75-align16+distill5+int8-auto-pc"]
 
 
+def test_a_candidate_that_cannot_be_built_is_recorded_as_failed(small_data, tmp_path):
+    from onnxshrink.auto.evaluate import EvalSpec, Job, run_job
+
+    recipe = {"version": 1, "data": {"calibration": str(tmp_path / "missing.npz")}, "steps": [{"type": "quantize.int8"}]}
+    result = run_job(Job("k", recipe, str(MODEL), EvalSpec(small_data[1], 0, 1, [], [], {}, 0)))
+    assert result["key"] == "k" and "data not found" in result["failed"]
+
+
 def test_pareto_front_and_budget_parsing():
     points = [
         {"key": "a", "latency_ratio": 0.5, "error": 0.2},

@@ -44,7 +44,22 @@ class Job:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Build ``job``'s model and score it; returns plain data (and the model's bytes)."""
+    """Build ``job``'s model and score it; returns plain data (and the model's bytes).
+
+    A candidate that cannot be built (a step that fails on this model) is reported as
+    ``{"key", "failed": message}`` rather than stopping the search.
+    """
+    started = time.perf_counter()
+    try:
+        return _run_job(job)
+    except Exception as exc:  # noqa: BLE001 - one failed candidate must not end the search
+        from onnxshrink.errors import ShrinkError
+
+        text = exc.one_line() if isinstance(exc, ShrinkError) else f"{type(exc).__name__}: {exc}"
+        return {"key": job.key, "failed": " ".join(text.split())[:300], "seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()}
+
+
+def _run_job(job: Job) -> dict[str, Any]:
     from onnxshrink.data import DataOptions, open_dataset
     from onnxshrink.modelio import load_model
     from onnxshrink.recipe import Recipe

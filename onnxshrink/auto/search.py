@@ -22,7 +22,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from onnxshrink.verify import FidelityMeter, looks_like_class_scores
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "onnxshrink.auto/1"
+#: The error recorded for a candidate that could not be built (worse than any real one).
+FAILED_ERROR = 1e9
 STATE_SCHEMA = "onnxshrink.auto-state/1"
 
 
@@ -392,6 +393,13 @@ class _Auto:
         return Job(c.key, c.recipe(self.ctx).to_dict(), str(Path(self.model_path).resolve()), self.evaluation)
 
     def _record(self, c: Candidate, result: dict[str, Any]) -> None:
+        if "failed" in result:
+            entry = {**result, "candidate": c.describe(), "probe": c.probe, "meets": False, "error": FAILED_ERROR,
+                     "index": len(self.state["results"]), "file": None, "latency": None}  # fmt: skip
+            self.state["results"][c.key] = entry
+            self._save_state()
+            self.echo(f"  {c.key}: FAILED: {result['failed']}")
+            return
         data = result.pop("model_bytes")
         meets, error = self._error(result["fidelity"])
         entry = {**result, "candidate": c.describe(), "probe": c.probe, "meets": meets, "error": error,
@@ -422,7 +430,8 @@ class _Auto:
     # ------------------------------------------------------------------ the end
     def _finish(self, started: float, stop_reason: str, evaluated_now: list[str]) -> AutoResult:
         o = self.o
-        results = [dict(r, key=k) for k, r in self.state["results"].items() if not r["probe"]]
+        failed = [{"key": k, "error": r["failed"]} for k, r in self.state["results"].items() if "failed" in r]
+        results = [dict(r, key=k) for k, r in self.state["results"].items() if not r["probe"] and "failed" not in r]
         if not results:
             raise ShrinkError(f"no candidate finished within the budget ({o.budget_s:.0f} s); give a larger --budget", path=self.model_path)
         for r in results:
@@ -453,6 +462,7 @@ class _Auto:
             if r["key"] not in keep and r["file"] and (self.cand_dir / r["file"]).exists():
                 (self.cand_dir / r["file"]).unlink()
         used = time.perf_counter() - started
+        now = set(evaluated_now) & {r["key"] for r in results}
         rows = []
         for r in sorted(results, key=lambda r: r["index"]):
             rows.append({
@@ -462,7 +472,7 @@ class _Auto:
                 "resumed": r["key"] not in evaluated_now, "on_front": r["key"] in front, "chosen": r["key"] == chosen["key"],
             })  # fmt: skip
         probes = [{"key": k, "group": r["candidate"]["protect"][0][0], "ratio": r["candidate"]["protect"][0][1], "error": r["error"]}
-                  for k, r in self.state["results"].items() if r["probe"]]  # fmt: skip
+                  for k, r in self.state["results"].items() if r["probe"] and "failed" not in r]  # fmt: skip
         report = {
             "schema": REPORT_SCHEMA,
             "onnxshrink_version": __version__,
@@ -479,13 +489,14 @@ class _Auto:
             "provider": o.provider,
             "budget": {"limit_s": o.budget_s, "used_s": round(used, 1), "stop_reason": stop_reason},
             "candidates_total": len(results),
-            "candidates_evaluated_now": len([k for k in evaluated_now if not k.startswith("probe:")]),
-            "candidates_resumed": len(results) - len([k for k in evaluated_now if not k.startswith("probe:")]),
+            "candidates_evaluated_now": len(now),
+            "candidates_resumed": len(results) - len(now),
             "target_met": chosen["meets"],
             "chosen": chosen["key"],
             "pareto_front": front,
             "candidates": rows,
             "sensitivity_probes": probes,
+            "failed": failed,
             "distillation": self.distill,
         }
         _write_atomic(self.report_path, (json.dumps(report, indent=2) + "\n").encode())
@@ -539,7 +550,8 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         f"* chosen, F on the latency/accuracy Pareto front. Target: {t['measure']} {'drop <= ' + str(t['value']) + ' points' if t['kind'] == 'max_drop_points' else 'SQNR >= ' + str(t['value']) + ' dB'}"
         + (f" (original accuracy {100 * report['reference_accuracy']:.2f}%)" if report.get("reference_accuracy") is not None else ""),
-        f"{report['candidates_total']} candidates ({report['candidates_resumed']} resumed), {report['budget']['used_s']:.0f} s of "
+        f"{report['candidates_total']} candidates ({report['candidates_resumed']} resumed, {len(report.get('failed', []))} failed), "
+        f"{report['budget']['used_s']:.0f} s of "
         f"{report['budget']['limit_s']:.0f} s budget, stopped: {report['budget']['stop_reason']}",
         f"chosen: {report['chosen']} -> {report['output']} ({'meets the target' if report['target_met'] else 'TARGET NOT MET: the most accurate model found'})",
         f"recipe: {report['recipe']}   report: {report['report']}",

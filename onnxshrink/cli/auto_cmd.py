@@ -20,7 +20,8 @@ from onnxshrink.stats import parse_shape_overrides
 @click.option("--provider", default="cpu", show_default=True, help="Execution provider to measure latency on.")
 @click.option("--budget", default="20m", show_default=True, help="Time budget: seconds, or 90s / 20m / 1h.")
 @click.option("--workers", type=click.IntRange(0), default=1, show_default=True,
-              help="Parallel accuracy jobs in spawned processes (0: in this process). Latency is always measured here, one model at a time.")
+              help="Parallel accuracy jobs in spawned processes (0: in this process, where a running job cannot be stopped at the "
+              "budget). Latency is always measured here, one model at a time.")
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the accuracy jobs as Ray tasks on this cluster ('local' starts one); needs the ray extra.")
 @click.option("--resume/--fresh", default=True, show_default=True, help="Reuse finished candidates of an interrupted run with the same settings.")
 @click.option("--distill/--no-distill", default=None, help="Try distillation recovery (default: when torch is installed).")
