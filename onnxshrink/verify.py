@@ -108,8 +108,10 @@ class FidelityMeter:
     def result(self) -> Fidelity:
         if self.noise == 0.0:
             sqnr = math.inf
-        elif self.signal == 0.0:
-            sqnr = -math.inf
+        elif self.signal == 0.0 or not math.isfinite(self.noise) or self.signal / self.noise == 0.0:
+            sqnr = -math.inf  # no signal, or noise beyond float range (overflowed outputs)
+        elif not math.isfinite(self.signal):
+            sqnr = math.nan
         else:
             sqnr = 10.0 * math.log10(self.signal / self.noise)
         denom = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)

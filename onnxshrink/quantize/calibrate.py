@@ -66,6 +66,9 @@ class TensorStats:
         self.count += 1
         if sample is None or sample.size == 0:
             return
+        if not np.all(np.isfinite(sample)):
+            # onnxruntime's ReduceMin/ReduceMax skip NaN, so the subsample is where it shows.
+            raise DataError("an activation became NaN or infinite during calibration")
         amax = max(abs(lo), abs(hi))
         if self.hist is None:
             self.radius = amax if amax > 0 else 1e-8
