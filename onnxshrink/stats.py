@@ -270,10 +270,16 @@ def _symbolic_infer(model: onnx.ModelProto, *, auto_merge: bool = True) -> onnx.
     """
     inference = _symbolic_shape_inference()(2**31 - 1, auto_merge, False, 0)
     inference._preprocess(model)
-    while inference.run_:
+    # It repeats its pass while it keeps merging dims; some malformed graphs never settle.
+    for _ in range(_SYMBOLIC_MAX_PASSES):
+        if not inference.run_:
+            break
         inference._infer_impl()
     inference._update_output_from_vi()
     return inference.out_mp_
+
+
+_SYMBOLIC_MAX_PASSES = 8
 
 
 def _symbolic_shape_inference() -> Any:

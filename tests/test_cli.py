@@ -259,3 +259,12 @@ def test_inspect_leaves_the_working_directory_clean(tmp_path, monkeypatch, capsy
     assert json.loads(capsys.readouterr().out)["nodes"] == 2
     assert sorted(os.listdir(work)) == []
     assert sorted(os.listdir(path.parent)) == ["mystery.onnx"]
+
+
+@pytest.mark.parametrize("name", ["timeout-stats.py-_symbolic_infer", "timeout-stats.py-_symbolic_infer-2"])
+def test_symbolic_shape_inference_cannot_loop_forever(name, capsys):
+    """Fuzzer-found graphs on which onnxruntime's symbolic inference repeated its pass forever."""
+    path = SAMPLES.parent / "fuzz" / "crashes" / "hangs" / f"{name}.onnx"
+    result = subprocess.run([sys.executable, "-m", "onnxshrink", "inspect", "--json", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 1), result.stderr
+    assert "Traceback" not in result.stderr
