@@ -24,6 +24,7 @@ Usage (see fuzz/README.md):
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import onnx
 from onnx import TensorProto
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="onnxshrink-fuzz-"))
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 KNOWN_FILE = Path(__file__).resolve().parent / "known_crashes.json"
 STRICT = os.environ.get("ONNXSHRINK_FUZZ_STRICT") == "1"
 #: How often each known (reported, open) crash signature was hit in this process.
@@ -78,7 +80,11 @@ _KNOWN = load_known()
 #: The pipeline variants; an input's CRC picks one.
 VARIANTS = (
     ShrinkOptions(calibration="random", measure_latency=False),
-    ShrinkOptions(calibration="random", measure_latency=False, int8=Int8Config(method="minmax", per_channel=False, fusion_aware=False, activation_type="int8")),
+    ShrinkOptions(
+        calibration="random",
+        measure_latency=False,
+        int8=Int8Config(method="minmax", per_channel=False, fusion_aware=False, activation_type="int8"),
+    ),
     ShrinkOptions(calibration="random", measure_latency=False, channels=ChannelPruneConfig(ratio=0.5)),
     ShrinkOptions(quantize=None, calibration="random", measure_latency=False, magnitude=MagnitudePruneConfig(sparsity=0.5)),
 )
@@ -116,7 +122,10 @@ _OPS = [
 ]
 _INTS = [0, 1, -1, 2, 3, 7, 2**31 - 1, -(2**31), 2**40, 2**63 - 1]
 _FLOATS = [0.0, -0.0, 1.0, -1.0, 1e-45, 1e38, float("inf"), float("-inf"), float("nan")]
-_TYPES = [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT32, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL, TensorProto.STRING, TensorProto.BFLOAT16, 0, 99]
+_TYPES = [
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT32,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL, TensorProto.STRING, TensorProto.BFLOAT16, 0, 99,
+]  # fmt: skip
 
 
 def _mutate_attribute(node: onnx.NodeProto, rng: random.Random) -> None:

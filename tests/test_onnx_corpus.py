@@ -111,10 +111,15 @@ def _folder_case(case: Any) -> Case:
     out_types = [o.type for o in model.graph.output]
     data_sets = []
     for folder in sorted(glob.glob(str(Path(case.model_dir) / "test_data_set_*"))):
-        inputs = [_read_value(p, in_types[i] if i < len(in_types) else None) for i, p in enumerate(sorted(glob.glob(f"{folder}/input_*.pb"), key=_index))]
-        outputs = [_read_value(p, out_types[i] if i < len(out_types) else None) for i, p in enumerate(sorted(glob.glob(f"{folder}/output_*.pb"), key=_index))]
+        inputs = _read_values(f"{folder}/input_*.pb", in_types)
+        outputs = _read_values(f"{folder}/output_*.pb", out_types)
         data_sets.append((inputs, outputs))
     return Case(case.kind, case.name, model, data_sets, case.rtol, case.atol)
+
+
+def _read_values(pattern: str, types: list[onnx.TypeProto]) -> list[Any]:
+    paths = sorted(glob.glob(pattern), key=_index)
+    return [_read_value(p, types[i] if i < len(types) else None) for i, p in enumerate(paths)]
 
 
 def _index(path: str) -> int:
@@ -143,7 +148,8 @@ def _feed_value(value: Any) -> Any:
     if isinstance(value, np.ndarray) and _is_ml_dtype(value.dtype) and value.dtype.itemsize in (1, 2):
         # bfloat16 / float8 (ml_dtypes): onnxruntime takes their bits with the onnx type.
         bits = value.view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits), onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits), onnx_type)
     return value
 
 
@@ -326,7 +332,9 @@ def test_cases_onnxruntime_cannot_run_are_exactly_the_known_ones(results):
     ort_now = {k: o.reason for k, o in results.items() if o.status == "ort"}
     new = sorted(set(ort_now) - set(known))
     healed = sorted(k for k in set(known) - set(ort_now) if k in results)
-    assert not new, "onnxruntime cannot run these (add them to onnx_corpus_known.json with the reason):\n" + "\n".join(f"{k}: {ort_now[k]}" for k in new)
+    assert not new, "onnxruntime cannot run these (add them to onnx_corpus_known.json with the reason):\n" + "\n".join(
+        f"{k}: {ort_now[k]}" for k in new
+    )
     assert not healed, "these known cases run now; remove them from onnx_corpus_known.json:\n" + "\n".join(
         f"{k}: now {results[k].status}" for k in healed
     )

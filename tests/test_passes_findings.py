@@ -50,9 +50,15 @@ def _masked_attention_scores() -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "masked",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 4])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 4]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-        [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W"), numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf")],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+        ],
     )  # fmt: skip
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
