@@ -29,7 +29,7 @@ from onnxshrink.data import Dataset, OutlierWatch, Sample
 from onnxshrink.errors import DataError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
-from onnxshrink.passes.prepare import PrepareReport, prepare
+from onnxshrink.passes.prepare import PrepareReport, outputs_on, prepare
 from onnxshrink.quantize.calibrate import choose_range, collect_stats
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
@@ -242,10 +242,11 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
         raise DataError("the calibration data holds no samples")
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
-    prepared, prep_report = prepare(model, checks)
+    reference = outputs_on(model, checks)  # the original's outputs: every rewrite is checked against them
+    prepared, prep_report = prepare(model, checks, reference=reference)
     del model  # the caller may have handed over its only reference
     if config.provider == "cpu":
-        prepared, steps = int8_friendly(prepared, checks)
+        prepared, steps = int8_friendly(prepared, checks, reference)
         prep_report.steps += steps
     ensure_node_names(prepared)
     release_memory()

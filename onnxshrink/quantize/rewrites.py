@@ -170,8 +170,12 @@ def _static_pick(node: onnx.NodeProto, dims: list[int | None], constants: dict[s
     return np.array(picked, dtype=np.int64)
 
 
-def int8_friendly(model: onnx.ModelProto, samples: list[Sample]) -> tuple[onnx.ModelProto, list[dict[str, object]]]:
+def int8_friendly(
+    model: onnx.ModelProto, samples: list[Sample], reference: list[list[np.ndarray]] | None = None
+) -> tuple[onnx.ModelProto, list[dict[str, object]]]:
     """``model`` with the rewrites above applied, if they leave its outputs unchanged.
+
+    ``reference``: the outputs to compare with on ``samples`` (``model``'s own by default).
 
     Returns the model to quantize (``model`` itself when nothing applied or the check failed)
     and report entries for the preparation steps (empty when nothing applied).
@@ -190,7 +194,8 @@ def int8_friendly(model: onnx.ModelProto, samples: list[Sample]) -> tuple[onnx.M
         return model, []
     step = "; ".join(name for name, _ in done)
     try:
-        error = max_relative_error(outputs_on(model, samples), outputs_on(rewritten, samples))
+        expected = reference if reference is not None else outputs_on(model, samples)
+        error = max_relative_error(expected, outputs_on(rewritten, samples))
     except Exception as exc:  # noqa: BLE001 - an optional rewrite that fails is skipped
         log.warning("preparation step '%s' failed and was skipped: %s", step, str(exc).splitlines()[0] if str(exc) else exc)
         return model, [{"step": step, "applied": False, "reason": f"failed: {type(exc).__name__}"}]
