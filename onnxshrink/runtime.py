@@ -4,7 +4,7 @@ Running a model runs code its author chose: a 300-byte graph can ask for gigabyt
 (``ConstantOfShape``/``Expand`` to a giant shape) or never finish (a ``Loop`` with a trip count
 of 2**62). Every session made here is therefore bounded:
 
-* memory: session creation and every ``run`` happen under a soft address-space limit
+* memory (CPU sessions): creation and every ``run`` happen under a soft address-space limit
   (``RLIMIT_AS``) of what the process already maps plus :func:`memory_bound` bytes (plus a
   few times the weights for creation); an allocation past it fails inside onnxruntime and
   becomes a one-line error. Linux only; a no-op elsewhere. ``ONNXSHRINK_MAX_MEMORY``
@@ -301,7 +301,9 @@ def make_session(
         providers.append("CUDAExecutionProvider")  # TensorRT's own fallback for what it cannot take
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    bound = memory_bound()
+    # GPU runtimes reserve huge address ranges (CUDA's unified addressing) and fail under an
+    # address-space limit, so the memory bound applies to CPU sessions only.
+    bound = memory_bound() if full == "CPUExecutionProvider" else None
     # Creation holds the weights (several copies while prepacking) and may fold constants.
     if isinstance(model, onnx.ModelProto):
         weights = weights_nbytes(model)
@@ -323,7 +325,7 @@ def make_session(
             raise memory from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkError(f"onnxruntime cannot load the model: {first}") from exc
-    session = GuardedSession(session)
+    session = GuardedSession(session, memory=bound is not None)
     if full not in session.get_providers():
         # onnxruntime drops a provider whose libraries fail to load and carries on on CPU.
         raise ConfigError(
@@ -336,7 +338,10 @@ def make_session(
 def _files_size(path: Path) -> int:
     """The model file plus the files beside it (its external data, at most)."""
     try:
-        return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file()) if path.is_file() else 0
+        if not path.is_file():
+            return 0
+        entries = list(itertools.islice(path.parent.iterdir(), 1000))
+        return sum(p.stat().st_size for p in entries if p.is_file())
     except OSError:
         return 0
 
@@ -346,10 +351,11 @@ class GuardedSession:
     docstring) and turns onnxruntime's failures (a model that cannot run the given inputs, a
     shape mismatch inside the graph, a bound hit) into a one-line ShrinkError."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, *, memory: bool = True) -> None:
         self._session = session
         self._run_options = _ort().RunOptions
-        self._bounds = (memory_bound(), time_bound())  # read once: the environment is parsed per session
+        # Read once: the environment is parsed per session, not per run.
+        self._bounds = (memory_bound() if memory else None, time_bound())
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
         run_options = run_options if run_options is not None else self._run_options()
