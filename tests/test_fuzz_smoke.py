@@ -63,6 +63,18 @@ def test_crash_reproducers_crash_no_more_or_are_reported(path: Path, monkeypatch
         warnings.warn(f"{path.name} no longer crashes: remove '{listed[0]}' from fuzz/known_crashes.json", stacklevel=1)
 
 
+HANGS = sorted((FUZZ / "crashes" / "hangs").glob("timeout-*.onnx"))
+
+
+@pytest.mark.parametrize("path", HANGS, ids=[p.stem for p in HANGS])
+def test_hang_reproducers_now_finish(path: Path, tmp_path: Path):
+    """Inputs that once hung (fixed since) must finish well within the fuzzer's 60 s timeout."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", ONNXSHRINK_FUZZ_STRICT="1")
+    argv = [sys.executable, str(FUZZ / "fuzz_load_shrink.py"), "--repro", str(path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "no crash" in proc.stdout, (proc.stdout + proc.stderr)[-2000:]
+
+
 def test_structure_aware_mutator_changes_models_and_keeps_most_parseable(seeds: Path):
     rng = random.Random(0)
     blobs = [p.read_bytes() for p in sorted(seeds.iterdir())[:30]]
