@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.errors import (
@@ -169,6 +170,7 @@ def load_model(
         raise ModelLoadError("not an ONNX model (no graph)", path=path)
 
     info = ModelInfo(path=path, file_bytes=size)
+    _check_text(model, path)
     _check_versions(model, path)
     _check_declared_shapes(model, path)
     base_dir = path.resolve().parent
@@ -211,17 +213,46 @@ def _check_versions(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
+def _check_text(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse names and text that are not UTF-8.
+
+    ONNX's strings are proto2, so protobuf does not validate them when parsing: it hands a
+    bad one out as ``bytes`` and fails only when something copies it into another message.
+    """
+    if not _text_is_utf8(model):
+        raise ModelLoadError("a name or text field is not valid UTF-8", path=path)
+
+
+def _text_is_utf8(message: Message) -> bool:
+    if isinstance(message, onnx.TensorProto):
+        # Only its text: listing all its fields would copy the weights out of raw_data.
+        texts = [message.name, message.doc_string, *(t for e in message.external_data for t in (e.key, e.value))]
+        return not any(isinstance(t, bytes) for t in texts)
+    for descriptor, value in message.ListFields():
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+        if descriptor.message_type is not None:
+            if not all(_text_is_utf8(item) for item in (value if repeated else (value,))):
+                return False
+        elif descriptor.type == descriptor.TYPE_STRING and any(isinstance(v, bytes) for v in (value if repeated else (value,))):
+            return False
+    return True
+
+
 def _check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse negative dims in declared input/output/intermediate shapes (the checker lets them by)."""
+    """Read a negative declared dim (input, output or intermediate) as unknown.
+
+    Older exporters (keras2onnx, some tf2onnx versions) and onnxruntime's own optimiser write
+    -1 for "unknown"; onnxruntime accepts it. Only the loaded copy changes, never the file.
+    Negative dims of stored tensors are refused elsewhere: their byte size would be wrong.
+    """
     for graph in iter_graphs(model.graph, path=path):
-        for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
+        for values in (graph.input, graph.output, graph.value_info):
             for value in values:
                 if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
                     continue
-                dims = value.type.tensor_type.shape.dim
-                if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
-                    shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-                    raise UnsafeModelError(f"{kind} '{value.name}' declares a negative dimension {shown}", path=path)
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.HasField("dim_value") and dim.dim_value < 0:
+                        dim.ClearField("dim_value")
 
 
 def _run_checker(model: onnx.ModelProto, path: Path) -> None:

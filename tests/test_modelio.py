@@ -293,3 +293,23 @@ def test_models_from_exporters_load_and_match_torch(tmp_path, model_file, io_fil
     for external in (False, True):
         out = save_model(model, tmp_path / f"rt_{external}.onnx", external_data=external)
         np.testing.assert_allclose(run_ort(str(out), feeds)[0], io["expected"], rtol=1e-5, atol=1e-5)
+
+
+def test_declared_minus_one_dims_read_as_unknown(tmp_path):
+    """keras2onnx-era files declare unknown dims as -1; onnxruntime runs them, so do we."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])],
+    )  # fmt: skip
+    path = tmp_path / "minus_one.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    before = path.read_bytes()
+    model, _ = load_model(path)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert not dim.HasField("dim_value") and model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 4
+    assert path.read_bytes() == before
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]] * 3, np.float32)
+    np.testing.assert_array_equal(run_ort(model, {"x": x})[0], np.maximum(x, 0))
