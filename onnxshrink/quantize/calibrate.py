@@ -38,6 +38,7 @@ BINS = 2048  # must be divisible by 4 for range doubling
 HISTOGRAM_SAMPLE = 1 << 14  # values per tensor and sample that go into the histogram
 METHODS = ("minmax", "percentile", "mse", "entropy")
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -70,8 +71,11 @@ class TensorStats:
             # onnxruntime's ReduceMin/ReduceMax skip NaN, so the subsample is where it shows.
             raise DataError("an activation became NaN or infinite during calibration")
         amax = max(abs(lo), abs(hi))
+        if amax > _FLOAT32_MAX:
+            raise DataError(f"an activation reaches {amax:.3g}, beyond the float32 range that int8 scales can represent")
         if self.hist is None:
-            self.radius = amax if amax > 0 else 1e-8
+            # Floored so that BINS / (2 radius) stays finite in float32 (float64 denormals).
+            self.radius = max(amax, 1e-30)
             self.hist = np.zeros(BINS, dtype=np.int64)
         while amax > self.radius:
             # Double the range: old bins land pairwise-merged in the middle half.

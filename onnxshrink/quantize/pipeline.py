@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.data import Dataset, OutlierWatch, Sample
-from onnxshrink.errors import DataError
+from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
 from onnxshrink.passes.prepare import PrepareReport, outputs_on, prepare
@@ -240,6 +240,9 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     count = len(dataset)
     if count == 0:
         raise DataError("the calibration data holds no samples")
+    not_tensors = [o.name for o in model.graph.output if not o.type.HasField("tensor_type")]
+    if not_tensors:
+        raise UnsupportedModelError(f"int8 needs tensor outputs; output '{not_tensors[0]}' is a sequence, map or optional")
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     reference = outputs_on(model, checks)  # the original's outputs: every rewrite is checked against them
