@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.errors import ConfigError
+from onnxshrink.errors import ConfigError, UnsupportedModelError
 from onnxshrink.prune._graph import count_parameters, require_weights
 from onnxshrink.prune._layout import Seg, Selection, SkipReason, SliceConst, layout_length, layout_spaces
 from onnxshrink.prune._surgery import Plan, apply_plan, plan_selection
@@ -35,7 +35,7 @@ from onnxshrink.prune.config import ChannelPruneConfig, compile_pattern, pattern
 from onnxshrink.prune.magnitude import require_finite
 from onnxshrink.prune.graph_channels import ChannelGraph, ChannelGroup, analyze_channels
 from onnxshrink.prune.report import ChannelPruneReport, GroupReport
-from onnxshrink.stats import MacCount, count_macs
+from onnxshrink.stats import MacCount, count_macs, infer_shapes, weightless_copy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def prune_channels(
         ConfigError: a ``per_layer`` key matches no producing layer.
     """
     require_weights(model)
+    check_conv_shapes(model)
     graph = analyze_channels(model, input_shapes=input_shapes)
     _apply_exclude(graph, config.exclude)
     overrides = _overrides(graph, config.per_layer)
@@ -84,6 +85,35 @@ def prune_channels(
         ratio=ratio, target_met=target_met, notes=notes,
         ratios={root: overrides.get(root, ratio) for root in kept}, importance=chooser.sources,
     )  # fmt: skip
+
+
+def check_conv_shapes(model: onnx.ModelProto) -> None:
+    """Refuse convolutions whose weight or bias cannot fit their input (the model cannot run).
+
+    The checker lets such a graph by and nothing runs it before pruning, whose plan would
+    then index channels that do not exist.
+    """
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1]
+    if not convs:
+        return
+    shapes = infer_shapes(weightless_copy(model))
+    for node in convs:
+        weight = dims.get(node.input[1])
+        source = shapes.get(node.input[0])
+        if weight is None or len(weight) < 2:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        transposed = node.op_type == "ConvTranspose"
+        expected_in = weight[0] if transposed else weight[1] * group
+        outputs = weight[1] * group if transposed else weight[0]
+        channels = source[1] if source is not None and len(source) > 1 and isinstance(source[1], int) else None
+        bias = dims.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (channels is not None and channels != expected_in) or (bias is not None and bias != [outputs]):
+            raise UnsupportedModelError(
+                f"{node.op_type} '{node.name or node.output[0]}': weight {weight} (bias {bias}) does not fit its "
+                f"{channels}-channel input; the model cannot run"
+            )
 
 
 def prune_channel_indices(
@@ -107,6 +137,7 @@ def prune_channel_indices(
             indices out of range, or all units of a group.
     """
     require_weights(model)
+    check_conv_shapes(model)
     graph = analyze_channels(model, input_shapes=input_shapes)
     kept: dict[int, list[int]] = {}
     for key, indices in remove.items():
