@@ -352,7 +352,7 @@ class _Auto:
         resumed = [k for k in self.state["results"]]
         if resumed:
             self.echo(f"resuming: {len(resumed)} finished candidate(s) from {self.state_path}")
-        reserve = min(30.0, 0.1 * o.budget_s)
+        reserve = min(30.0, 0.1 * o.budget_s + 2.0)  # the final timing and writing
         deadline = started + o.budget_s - reserve
         executor = _Executor(o.workers, o.ray)
         search = Search(self._verdict, groups=self.groups, max_drop=o.max_drop, distill=self.distill, epochs=o.distill_epochs)
