@@ -94,29 +94,3 @@ def test_a_graph_that_cannot_be_ordered_is_a_one_line_shrink_error():
         topological_sort(graph)
     assert isinstance(caught.value, ValueError)  # the documented contract still holds
 
-
-def test_minus_one_dims_that_onnxruntime_writes_become_unknown(tmp_path):
-    # Found by the corpus (node/test_affine_grid_3d_expanded): onnxruntime's optimiser records
-    # an If branch output as float[-1]; the loader refused negative declared dims, so the fold
-    # step was skipped. ort_basic_optimize clears such dims before loading its output (and the
-    # loader now reads them as unknown too).
-    from onnxshrink.modelio import load_model
-    from onnxshrink.passes.prepare import _unknown_negative_dims
-
-    branch_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, [-1])
-    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["b"])], "then", [], [branch_out])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["b"])], "else", [], [branch_out])
-    graph = helper.make_graph(
-        [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
-        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
-    )  # fmt: skip
-    path = tmp_path / "optimized.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    assert _unknown_negative_dims(path) is True
-    model, _ = load_model(path, check=False)
-    dim = model.graph.node[0].attribute[0].g.output[0].type.tensor_type.shape.dim[0]
-    assert not dim.HasField("dim_value") and not dim.dim_param
-    x = {"c": np.array(False), "x": np.array([1.0, -2.0, 3.0], np.float32)}
-    np.testing.assert_array_equal(run_ort(model, x)[0], [-1.0, 2.0, -3.0])
-    assert _unknown_negative_dims(path) is False  # nothing left to clear
