@@ -34,9 +34,20 @@ def test_reduce_mean_over_spatial_axes_becomes_global_pool():
     np.testing.assert_allclose(run_ort(model, x)[0], before, rtol=1e-6, atol=1e-6)
 
 
-def test_reduce_mean_that_drops_dims_or_channels_is_kept():
-    assert reduce_mean_to_global_pool(_reduce_mean_model(0, [2, 3])) == 0
+def test_reduce_mean_that_drops_spatial_dims_becomes_pool_and_flatten():
+    model = _reduce_mean_model(0, [2, 3])  # x.mean([2, 3]) as torchvision's ShuffleNetV2 writes it
+    x = {"x": np.random.default_rng(1).standard_normal((2, 4, 5, 6)).astype(np.float32)}
+    before = run_ort(model, x)[0]
+    assert reduce_mean_to_global_pool(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool", "Flatten"]
+    after = run_ort(model, x)[0]
+    assert after.shape == before.shape == (2, 4)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_reduce_mean_over_channels_is_kept():
     assert reduce_mean_to_global_pool(_reduce_mean_model(1, [1, 2, 3])) == 0
+    assert reduce_mean_to_global_pool(_reduce_mean_model(0, [1, 2])) == 0
 
 
 def test_prepare_folds_batchnorm_losslessly():
