@@ -88,31 +88,48 @@ def prune_channels(
 
 
 def check_conv_shapes(model: onnx.ModelProto) -> None:
-    """Refuse convolutions whose weight or bias cannot fit their input (the model cannot run).
+    """Refuse layers whose weight or bias cannot fit their input (the model cannot run).
 
-    The checker lets such a graph by and nothing runs it before pruning, whose plan would
-    then index channels that do not exist.
+    Conv, ConvTranspose, Gemm and MatMul with a constant weight are checked against the
+    inferred input. The checker lets such a graph by and nothing runs it before pruning,
+    whose plan would then index channels that do not exist.
     """
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1]
-    if not convs:
+    layers = [
+        n for n in model.graph.node
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.domain in ("", "ai.onnx") and len(n.input) > 1 and n.input[1] in dims
+    ]  # fmt: skip
+    if not layers:
         return
     shapes = infer_shapes(weightless_copy(model))
-    for node in convs:
-        weight = dims.get(node.input[1])
+    for node in layers:
+        weight = dims[node.input[1]]
         source = shapes.get(node.input[0])
-        if weight is None or len(weight) < 2:
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        transposed = node.op_type == "ConvTranspose"
-        expected_in = weight[0] if transposed else weight[1] * group
-        outputs = weight[1] * group if transposed else weight[0]
-        channels = source[1] if source is not None and len(source) > 1 and isinstance(source[1], int) else None
+        attrs = {a.name: a.i for a in node.attribute}
         bias = dims.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if (channels is not None and channels != expected_in) or (bias is not None and bias != [outputs]):
+        if node.op_type in ("Conv", "ConvTranspose"):
+            if len(weight) < 2:
+                continue
+            group = attrs.get("group", 1)
+            transposed = node.op_type == "ConvTranspose"
+            expected_in = weight[0] if transposed else weight[1] * group
+            outputs = weight[1] * group if transposed else weight[0]
+            axis = 1
+        elif node.op_type == "Gemm":
+            if len(weight) != 2 or attrs.get("transA", 0):
+                continue
+            expected_in, outputs = (weight[1], weight[0]) if attrs.get("transB", 0) else (weight[0], weight[1])
+            axis = -1
+            bias = bias if bias is not None and len(bias) == 1 else None  # Gemm's C broadcasts
+        else:  # MatMul
+            if len(weight) < 2:
+                continue
+            expected_in, outputs, axis, bias = weight[-2], weight[-1], -1, None
+        channels = source[axis] if source is not None and len(source) > 1 and isinstance(source[axis], int) else None
+        if (channels is not None and channels != expected_in) or (bias is not None and bias != [outputs] and bias != [1]):
             raise UnsupportedModelError(
                 f"{node.op_type} '{node.name or node.output[0]}': weight {weight} (bias {bias}) does not fit its "
-                f"{channels}-channel input; the model cannot run"
+                f"input of {channels} channels; the model cannot run"
             )
 
 
