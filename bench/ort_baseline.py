@@ -287,7 +287,10 @@ def latency(sessions: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
     names = list(sessions)
     times = {n: [] for n in names}
     for r in range(warmup + rounds):
-        for n in names:
+        # Rotate the order each round: a model always run right after the fp32 one would
+        # always find the cache full of fp32 weights (measured: up to ~10% against it).
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
             sess, iname = sessions[n]
             feed = {iname: x}
             t0 = time.perf_counter()

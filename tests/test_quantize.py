@@ -289,3 +289,19 @@ def test_shape_of_a_dequantized_tensor_reads_the_quantized_one():
     shape_sources = [producers.get(n.input[0]) for n in result.model.graph.node if n.op_type == "Shape"]
     assert shape_sources and "DequantizeLinear" not in shape_sources
     assert result.fidelity.sqnr_db > 30
+
+
+def test_concat_output_takes_the_union_of_its_inputs_ranges():
+    """So QLinearConcat copies the widest input as it is instead of requantizing all."""
+    from onnx import numpy_helper
+
+    model = _dense_block_net(seed=3)
+    result = quantize_int8(model, RandomDataset(model_input_specs(model), count=60, seed=4), Int8Config(method="mse"))
+    qdq = result.model
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    concat = next(n for n in qdq.graph.node if n.op_type == "Concat")
+    in_scales = [float(inits[producers[name].input[1]]) for name in concat.input]
+    reader = next(n for n in qdq.graph.node if concat.output[0] in n.input and n.op_type == "QuantizeLinear")
+    out_scale = float(inits[reader.input[1]])
+    assert out_scale == pytest.approx(max(in_scales), rel=1e-6)

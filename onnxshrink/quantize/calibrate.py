@@ -227,6 +227,29 @@ def collect_stats(
 # --------------------------------------------------------------------------- range choice
 
 
+def concat_ranges_from_inputs(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> int:
+    """Give each Concat's output the union of its inputs' chosen ranges (in place).
+
+    A Concat output calibrated on its own (with clipping) gets a scale that matches none of
+    its inputs, so onnxruntime's QLinearConcat requantizes every input; with the union, the
+    widest input is copied as it is (as with onnxruntime's own MinMax ranges) and nothing is
+    clipped that the inputs kept. Measured on SqueezeNet 1.1: the int8 model was 3-8% slower
+    than onnxruntime's with the same fused graph before this. Returns the Concats changed.
+    """
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Concat" or not node.output or node.output[0] not in ranges:
+            continue
+        inputs = [ranges.get(name) for name in node.input]
+        if not inputs or any(r is None for r in inputs):
+            continue
+        union = (min(r[0] for r in inputs), max(r[1] for r in inputs))  # type: ignore[index]
+        if ranges[node.output[0]] != union:
+            ranges[node.output[0]] = union
+            changed += 1
+    return changed
+
+
 def choose_range(stats: TensorStats, method: str, *, percentile: float = 99.999, qmax: int = 255) -> tuple[float, float]:
     """The (low, high) range to quantize a tensor with, by ``method``."""
     lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)

@@ -30,7 +30,7 @@ from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
 from onnxshrink.passes.prepare import PrepareReport, outputs_on, prepare
-from onnxshrink.quantize.calibrate import choose_range, collect_stats
+from onnxshrink.quantize.calibrate import choose_range, collect_stats, concat_ranges_from_inputs
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
 from onnxshrink.quantize.rewrites import int8_friendly
@@ -272,6 +272,7 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     )
     outliers.check()
     ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
+    concat_ranges_from_inputs(prepared, ranges)
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
     del calibration
     release_memory()
