@@ -316,3 +316,18 @@ def test_back_to_back_runs_agree(pair: Pair, capsys: pytest.CaptureFixture[str])
     # apart between back-to-back runs at that load), so only a loose bound is safe here.
     pair_ratios = _ratio_twice(capsys, pair.fp32, pair.int8)
     assert abs(pair_ratios[0] - pair_ratios[1]) / min(pair_ratios) < 0.5, pair_ratios
+
+
+def test_random_inputs_too_large_name_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxshrink.cli import main
+
+    big = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2**40]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [big[0]], [big[1]])
+    path = tmp_path / "huge_input.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert main(["bench", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"onnxshrink: error: {path}: ") and "too large" in err[0]

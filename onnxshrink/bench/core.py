@@ -177,7 +177,20 @@ class _Bar:
 
 
 def run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
-    """Benchmark ``paths[0]`` (the baseline) against the other models; the JSON payload."""
+    """Benchmark ``paths[0]`` (the baseline) against the other models; the JSON payload.
+
+    Raises:
+        ShrinkError: naming the file it is about (the baseline, unless another is to blame).
+    """
+    try:
+        return _run_bench(paths, config)
+    except ShrinkError as exc:
+        if exc.path is None and paths and not isinstance(exc, ConfigError) and config.data is None:
+            exc.path = str(paths[0])  # e.g. random inputs the baseline's declared shapes make too large
+        raise
+
+
+def _run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
     if not paths:
         raise ConfigError("give at least one model")
     provider_full = resolve_provider(config.provider)
