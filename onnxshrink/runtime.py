@@ -406,3 +406,51 @@ def release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+#: How long the child may take to create a session for the crash probe.
+_PROBE_SECONDS = 300.0
+
+
+def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
+    """Create a session for ``model_path`` in a child process before this process does.
+
+    onnxruntime crashes the whole process (SIGSEGV) on some malformed models that pass the
+    onnx checker, e.g. an opset-23 LayerNormalization whose scale is a graph input (found by
+    fuzzing). A crash cannot be caught in-process, so the first session is made in a forked
+    child: if the child dies by a signal, the model is refused in one line. An ordinary
+    onnxruntime error in the child is left for the real session to report. Linux/macOS only
+    (fork); elsewhere this does nothing.
+    """
+    if not hasattr(os, "fork"):
+        return
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_probe_child, args=(str(model_path),), daemon=True)
+    child.start()
+    child.join(_PROBE_SECONDS)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise ShrinkError(f"onnxruntime did not finish loading the model within {_PROBE_SECONDS:.0f} s")
+    if child.exitcode < 0:
+        try:
+            name = signal.Signals(-child.exitcode).name
+        except ValueError:
+            name = f"signal {-child.exitcode}"
+        raise ShrinkError(f"onnxruntime crashes ({name}) while loading this model; it cannot be processed", path=str(model_path))
+
+
+def _probe_child(model_path: str) -> None:
+    try:
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    except BaseException:  # noqa: BLE001 - an ordinary error is the real session's to report
+        pass
+    os._exit(0)

@@ -41,7 +41,7 @@ from onnxshrink.passes.prepare import prepare
 from onnxshrink.quantize.pipeline import iter_range, split_samples
 from onnxshrink.recipe.recipe import DataSpec, Recipe
 from onnxshrink.recipe.steps import BenchStep, ChannelPruneStep, DistillStep, FoldStep, Int8Step, MagnitudePruneStep
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import check_onnxruntime_survives, make_session
 from onnxshrink.stats import count_macs, count_parameters
 from onnxshrink.verify import Fidelity, FidelityMeter
 
@@ -278,6 +278,7 @@ class _Pipeline:
         recipe = self.recipe
         check_output_path(self.output_path, input_path=self.model_path)
         original, info = load_model(self.model_path)  # refuses FIFOs, devices, ... first
+        check_onnxruntime_survives(self.model_path)
         self.input_sha256 = file_sha256(self.model_path)
         source = recipe.data.calibration
         if source is None and recipe.int8 is not None:

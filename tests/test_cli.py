@@ -268,3 +268,16 @@ def test_symbolic_shape_inference_cannot_loop_forever(name, capsys):
     result = subprocess.run([sys.executable, "-m", "onnxshrink", "inspect", "--json", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode in (0, 1), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["shrink", "--calib", "random", "--no-timing", "-o", "{out}"], ["bench"]])
+def test_a_model_that_crashes_onnxruntime_is_refused_in_one_line(tmp_path, command):
+    """Fuzzer-found: onnxruntime 1.32 segfaults creating a session for this 170-byte model
+    (opset-23 LayerNormalization whose scale is a graph input)."""
+    model = SAMPLES.parent / "tests" / "data" / "ort_segfault_layernorm.onnx"
+    args = [a.format(out=tmp_path / "out.onnx") for a in command]
+    result = subprocess.run([sys.executable, "-m", "onnxshrink", args[0], str(model), *args[1:]], capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("onnxshrink: error:")]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1 and "onnxruntime crashes (SIGSEGV)" in errors[0] and str(model) in errors[0]
+    assert not (tmp_path / "out.onnx").exists()

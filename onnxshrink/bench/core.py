@@ -49,7 +49,7 @@ from onnxshrink.bench.timing import (
 from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, DataError, ShrinkError
 from onnxshrink.modelio import ModelInfo, load_model, ort_model_source
-from onnxshrink.runtime import make_session, resolve_provider, run
+from onnxshrink.runtime import check_onnxruntime_survives, make_session, resolve_provider, run
 from onnxshrink.stats import concrete_input_shapes, count_macs, graph_inputs, value_signature
 from onnxshrink.verify import FidelityMeter
 
@@ -198,6 +198,8 @@ def _run_bench(paths: list[str], config: BenchConfig) -> dict[str, Any]:
         raise ConfigError("gates compare candidates with the baseline: give at least two models")
     load_before = load_average()
     models = [_Model(n, p, *load_model(p)) for n, p in zip(_unique_names(paths), paths)]
+    for path in paths:
+        check_onnxruntime_survives(path)
     base = models[0]
     base_sigs = {v.name: value_signature(v).dtype for v in graph_inputs(base.proto)}
     for m in models[1:]:
