@@ -183,6 +183,12 @@ class _AddressSpace:
 _ADDRESS_SPACE = _AddressSpace()
 
 
+def bounded_memory() -> contextlib.AbstractContextManager[None]:
+    """The session memory bound, for other native code that runs on the model (onnx's shape
+    inference with data propagation can build a hostile model's tensors too)."""
+    return _ADDRESS_SPACE.limit(memory_bound())
+
+
 class _Watchdog:
     """One daemon thread that raises ``RunOptions.terminate`` on runs past their deadline.
 

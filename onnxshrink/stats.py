@@ -246,7 +246,10 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False, merge_dims: 
         if symbolic:
             inferred = _symbolic_infer(model, auto_merge=merge_dims)
         else:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            from onnxshrink.runtime import bounded_memory
+
+            with bounded_memory():
+                inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; report, don't fail
         log.info("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
         inferred = model

@@ -281,3 +281,25 @@ def test_a_model_that_crashes_onnxruntime_is_refused_in_one_line(tmp_path, comma
     assert result.returncode == 1, result.stderr
     assert len(errors) == 1 and "onnxruntime crashes (SIGSEGV)" in errors[0] and str(model) in errors[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_shape_inference_data_propagation_is_memory_bounded(tmp_path):
+    """Fuzzer-found: onnx's shape inference with data propagation built this model's Range/Loop
+    tensors in memory (24 GB RSS, killed by the OOM killer); it now runs under the memory bound
+    and gives up on shapes instead."""
+    model = SAMPLES.parent / "tests" / "data" / "onnx_data_prop_oom.onnx"
+    env = {**os.environ, "ONNXSHRINK_MAX_MEMORY": "512M"}
+    code = (
+        "import sys; from onnxshrink.cli import main; rc = main(['inspect', sys.argv[1]]); "
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr); sys.exit(rc)"
+    )
+    import resource
+
+    def cap() -> None:  # a regression must fail here, not exhaust the machine
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120, env=env, preexec_fn=cap)
+    assert result.returncode == 0, result.stderr
+    assert "Loop" in result.stdout
+    peak_kib = int(result.stderr.split("VmHWM:")[1].split()[0])
+    assert peak_kib < 1536 * 1024, f"peak {peak_kib} KiB: the bound did not stop shape inference"
