@@ -384,6 +384,10 @@ class _Pipeline:
                 self.warnings.append(f"fold: '{entry['step']}' skipped ({entry.get('reason')})")
 
     def _prune_channels(self, step: ChannelPruneStep) -> None:
+        # The channel analysis trusts the graph's shapes; a graph that cannot run (a weight
+        # that does not fit its input, which the checker and session creation let by) must
+        # fail here in one line rather than inside the surgery.
+        make_session(self.current, threads=1).run(None, next(iter(self.dataset)).feeds)
         self.pruning.append(prune_channels(self._writable(), step.config))
         self.steps.append("prune.channels")
         self._recalibrate(step)
