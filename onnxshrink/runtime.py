@@ -450,6 +450,19 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
 
 
 def _probe_child(model_path: str) -> None:
+    import signal
+
+    # Die plainly by the signal: handlers inherited from the parent (faulthandler, a fuzzer's
+    # crash handler) must not act for the child.
+    for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    try:
+        import faulthandler
+
+        faulthandler.disable()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
     try:
         ort = _ort()
         options = ort.SessionOptions()
