@@ -303,3 +303,12 @@ def test_shape_inference_data_propagation_is_memory_bounded(tmp_path):
     assert "Loop" in result.stdout
     peak_kib = int(result.stderr.split("VmHWM:")[1].split()[0])
     assert peak_kib < 1536 * 1024, f"peak {peak_kib} KiB: the bound did not stop shape inference"
+
+
+def test_distill_refuses_a_teacher_that_crashes_onnxruntime(tmp_path):
+    model = SAMPLES.parent / "tests" / "data" / "ort_segfault_layernorm.onnx"
+    args = ["distill", "--teacher", str(model), "--student", str(SAMPLES / "resnet_mini.onnx"),
+            "--data", str(SAMPLES / "digits_calib.npz"), "-o", str(tmp_path / "out.onnx")]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "onnxshrink", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [f"onnxshrink: error: {model}: onnxruntime crashes (SIGSEGV) while loading this model; it cannot be processed"]

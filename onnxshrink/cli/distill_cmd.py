@@ -17,6 +17,7 @@ from onnxshrink.cli._options import MODEL_PATH, echo_json, json_option
 from onnxshrink.data import DataOptions, open_dataset
 from onnxshrink.errors import ModelSaveError
 from onnxshrink.modelio import check_output_path, load_model
+from onnxshrink.runtime import check_onnxruntime_survives
 from onnxshrink.report import format_table, section
 
 if TYPE_CHECKING:
@@ -174,6 +175,9 @@ def distill(
 
     _check_output(output, [teacher, student])
     student_model, _ = load_model(student)
+    for path in (teacher, student):  # a model that crashes onnxruntime: one line, not a segfault
+        load_model(path, load_weights=False)
+        check_onnxruntime_survives(path)
     options = DataOptions(seed=seed)
     dataset = open_dataset(data, student_model, options)
     eval_dataset = open_dataset(eval_data, student_model, options) if eval_data else None
