@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 
@@ -223,13 +224,18 @@ def _check_text(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError("a name or text field is not valid UTF-8", path=path)
 
 
+def is_repeated(descriptor: FieldDescriptor) -> bool:
+    """Whether a protobuf field is repeated (``is_repeated`` from protobuf 6 on, ``label`` before; 7 removed ``label``)."""
+    return descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+
+
 def _text_is_utf8(message: Message) -> bool:
     if isinstance(message, onnx.TensorProto):
         # Only its text: listing all its fields would copy the weights out of raw_data.
         texts = [message.name, message.doc_string, *(t for e in message.external_data for t in (e.key, e.value))]
         return not any(isinstance(t, bytes) for t in texts)
     for descriptor, value in message.ListFields():
-        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+        repeated = is_repeated(descriptor)
         if descriptor.message_type is not None:
             if not all(_text_is_utf8(item) for item in (value if repeated else (value,))):
                 return False

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from google.protobuf.message import Message
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.modelio import ModelInfo, expected_nbytes, iter_graphs, iter_tensors
+from onnxshrink.modelio import ModelInfo, expected_nbytes, is_repeated, iter_graphs, iter_tensors
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,7 @@ def _copy_fields_except(target: Message, source: Message, skipped: str) -> None:
     for descriptor, value in source.ListFields():
         if descriptor.name == skipped:
             continue
-        # ``is_repeated`` from protobuf 6 on, ``label`` before (removed in 7).
-        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
-        if repeated:
+        if is_repeated(descriptor):
             getattr(target, descriptor.name).extend(value)
         elif descriptor.message_type is not None:
             getattr(target, descriptor.name).CopyFrom(value)
