@@ -45,6 +45,8 @@ from onnxshrink.errors import (
     UnsupportedModelError,
 )
 
+from onnxshrink.operands import check_required_inputs
+
 log = logging.getLogger(__name__)
 
 # onnxruntime 1.32 writes a telemetry session file ($TMPDIR/.ses) when it is first imported:
@@ -174,6 +176,7 @@ def load_model(
     _check_text(model, path)
     _check_versions(model, path)
     _check_declared_shapes(model, path)
+    check_required_inputs(model, list(iter_graphs(model.graph, path=path)), path)
     base_dir = path.resolve().parent
     for tensor, where in iter_tensors(model, path=path):
         _check_tensor(tensor, where, base_dir, info, path)

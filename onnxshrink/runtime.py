@@ -416,17 +416,21 @@ def release_memory() -> None:
 
 #: How long the child may take to create a session for the crash probe.
 _PROBE_SECONDS = 300.0
+#: How long the probe's one run may take; a slower run is cut short, not a failure.
+_PROBE_RUN_SECONDS = 5.0
 
 
 def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
-    """Create a session for ``model_path`` in a child process before this process does.
+    """Create a session for ``model_path``, and run it once, in a child process first.
 
     onnxruntime crashes the whole process (SIGSEGV) on some malformed models that pass the
     onnx checker, e.g. an opset-23 LayerNormalization whose scale is a graph input (found by
-    fuzzing). A crash cannot be caught in-process, so the first session is made in a forked
-    child: if the child dies by a signal, the model is refused in one line. An ordinary
-    onnxruntime error in the child is left for the real session to report. Linux/macOS only
-    (fork); elsewhere this does nothing.
+    fuzzing), at session creation or at the first run. A crash cannot be caught in-process,
+    so the first session is made in a forked child, which also runs it once on zero-filled
+    inputs (symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
+    if the child dies by a signal, the model is refused in one line. An ordinary onnxruntime
+    error, or a run that is too slow or too big for the probe, is left for the real session to
+    report. Linux/macOS only (fork); elsewhere this does nothing.
     """
     if not hasattr(os, "fork"):
         return
@@ -446,7 +450,7 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
             name = signal.Signals(-child.exitcode).name
         except ValueError:
             name = f"signal {-child.exitcode}"
-        raise ShrinkError(f"onnxruntime crashes ({name}) while loading this model; it cannot be processed", path=str(model_path))
+        raise ShrinkError(f"onnxruntime crashes ({name}) when it loads or runs this model (tried in a child process); it cannot be processed", path=str(model_path))
 
 
 def _probe_child(model_path: str) -> None:
@@ -469,7 +473,38 @@ def _probe_child(model_path: str) -> None:
         options.log_severity_level = 4
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     except BaseException:  # noqa: BLE001 - an ordinary error is the real session's to report
+        os._exit(0)
+    try:
+        feeds = {i.name: _zero_feed(i) for i in session.get_inputs()}
+        bound = memory_bound()
+        if bound is not None:
+            import resource
+
+            # This child does nothing else: a process-wide limit is exactly the bound wanted.
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            limit = _ADDRESS_SPACE.mapped() + bound
+            resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+        run_options = ort.RunOptions()
+        threading.Timer(_PROBE_RUN_SECONDS, lambda: setattr(run_options, "terminate", True)).start()
+        session.run(None, feeds, run_options)
+    except BaseException:  # noqa: BLE001 - as above; too slow or too big is not a crash
         pass
     os._exit(0)
+
+
+_PROBE_DTYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
+
+
+def _zero_feed(node_arg: Any) -> np.ndarray:
+    """Zeros of the input's declared type and shape, symbolic dims as 1 (``KeyError``: not a plain tensor)."""
+    shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (node_arg.shape or [])]
+    if int(np.prod(shape, dtype=np.float64)) > 1 << 28:
+        raise ValueError("input too large for the probe")
+    return np.zeros(shape, _PROBE_DTYPES[node_arg.type])

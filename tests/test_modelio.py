@@ -313,3 +313,33 @@ def test_declared_minus_one_dims_read_as_unknown(tmp_path):
     assert path.read_bytes() == before
     x = np.array([[-1.0, 2.0, -3.0, 4.0]] * 3, np.float32)
     np.testing.assert_array_equal(run_ort(model, {"x": x})[0], np.maximum(x, 0))
+
+
+def _one_node(node: onnx.NodeProto, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "hi")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize(
+    "node, refused",
+    [
+        (helper.make_node("Sum", ["x", "x", ""], ["y"]), "a Sum node leaves its required input 2 empty"),
+        (helper.make_node("Add", ["", "x"], ["y"], name="add0"), "'add0' (Add) leaves its required input 0 empty"),
+        (helper.make_node("Clip", ["x", "", "hi"], ["y"]), None),  # Clip's min is optional
+    ],
+)
+def test_empty_required_input_is_refused(tmp_path, node, refused):
+    """onnxruntime segfaults on the first run of Sum(x, x, ""); the checker lets it through."""
+    path = write_model(_one_node(node), tmp_path / "m.onnx")
+    if refused is None:
+        load_model(path)
+        return
+    with pytest.raises(ModelLoadError, match=refused.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_model(path)
+    assert info.value.path == str(path)

@@ -425,6 +425,13 @@ def b_unknown_op(lay: Layout) -> Built:
     return Built(save(model, lay.models / "model.onnx"))
 
 
+def b_required_input_empty(lay: Layout) -> Built:
+    """``Sum(input, input, "")``: passes the onnx checker and session creation, then crashes
+    onnxruntime 1.32 (SIGSEGV) on its first run. Found by fuzzing."""
+    model = _tiny_graph([helper.make_node("Sum", ["input", "input", ""], ["output"])], [], out_shape=[1, 4])
+    return Built(save(model, lay.models / "model.onnx"), calib=_tiny_calib(lay))
+
+
 def _loop_model() -> onnx.ModelProto:
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["y_in", "one"], ["y_out"])],
@@ -675,6 +682,7 @@ CASES: list[Case] = [
     Case("ir-version-99", "graph", "inspect", "IR version 99", B, b_ir_99),
     Case("deep-if-nesting", "graph", "inspect", "not a valid ONNX protobuf", B, b_deep_if),
     Case("deep-loop-never-ends", "graph", "prune", "time bound", B, b_deep_loop, isolate=True),
+    Case("required-input-empty", "graph", "bench", "required input 2 empty", B, b_required_input_empty),
     Case("unknown-op-domain", "graph", "int8", "onnxruntime cannot load", B, b_unknown_op),
     Case("huge-loop-trip-count", "graph", "int8", "time bound", B, b_huge_loop, isolate=True),
     Case("giant-constant-of-shape", "graph", "bench", "memory bound", B, b_giant_constant_of_shape, isolate=True),
