@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 import pytest
 
 from conftest import SAMPLES
@@ -128,6 +129,29 @@ def test_vectorised_weight_scales_equal_onnxruntimes(reduce_range):
             zp_ref, scale_ref = compute_data_quant_params(weight.take(c, axis).ravel(), qtype, True, reduce_range=reduce_range)
             assert scale[c] == scale_ref and scale.dtype == scale_ref.dtype
             assert zero_point[c] == zp_ref and zero_point.dtype == zp_ref.dtype
+
+
+@pytest.mark.parametrize("qtype", [TensorProto.INT8, TensorProto.UINT8])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_vectorised_weight_quantization_equals_onnxruntimes(qtype, axis):
+    from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
+
+    from onnxshrink.quantize.engine import quantize_per_channel_initializer
+
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_normal((6, 5, 3, 3)) * 4).astype(np.float32)
+    weight.flat[::7] = 0.5  # exact halves: rounding ties go to even in both
+    tensor = numpy_helper.from_array(weight, "w")
+    channels = weight.shape[axis]
+    scale = rng.uniform(0.01, 0.05, channels).astype(np.float32)
+    np_type = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    zero_point = (rng.integers(-3, 4, channels) + (0 if qtype == TensorProto.INT8 else 128)).astype(np_type)
+    ours = quantize_per_channel_initializer(tensor, qtype, zero_point, scale, axis)
+    theirs = quantize_onnx_initializer(tensor, qtype, zero_point, scale, axis % weight.ndim)
+    assert ours is not None and ours.SerializeToString() == theirs.SerializeToString()
+    # per-tensor and blocked weights are left to onnxruntime
+    assert quantize_per_channel_initializer(tensor, qtype, zero_point[:1], scale[:1], None) is None
+    assert quantize_per_channel_initializer(tensor, qtype, zero_point, scale, axis, block_size=32) is None
 
 
 def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):

@@ -186,18 +186,67 @@ def symmetric_per_channel_params(
     return zero_point, np.where(degenerate, 1.0, scale).astype(weight.dtype)
 
 
-def _quantizer_class() -> type:
-    """onnxruntime's QDQQuantizer, with per-channel weight scales computed vectorised.
+def quantize_per_channel_initializer(
+    weight: onnx.TensorProto, quant_type: int, zero_point: np.ndarray, scale: np.ndarray, axis: int | None = None,
+    quant_weight_name: str | None = None, block_size: int = 0,
+) -> onnx.TensorProto | None:
+    """onnxruntime's ``quantize_onnx_initializer`` for per-channel 8-bit weights, all channels
+    at once; ``None`` for any other case.
 
-    onnxruntime computes them channel by channel in Python (about 1 s on ResNet-50); the
-    result is identical. Anything unusual (overrides, blocks, float16, a minimum range)
-    goes to onnxruntime's own code.
+    The same float32 arithmetic as onnxruntime's per-channel loop (divide by the channel's
+    scale, round half to even, add the zero point, clip), so the bytes are identical.
     """
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX, get_qmin_qmax_for_qType
+
+    if (
+        axis is None or block_size or weight.data_type != onnx.TensorProto.FLOAT
+        or quant_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    ):
+        return None
+    data = numpy_helper.to_array(weight)
+    axis = axis + data.ndim if axis < 0 else axis
+    scale, zero_point = np.asarray(scale), np.asarray(zero_point)
+    if not 0 <= axis < data.ndim or scale.dtype != np.float32 or scale.shape != (data.shape[axis],) or zero_point.shape != scale.shape:
+        return None
+    shape = [1] * data.ndim
+    shape[axis] = data.shape[axis]
+    qmin, qmax = get_qmin_qmax_for_qType(quant_type, reduce_range=False, symmetric=False)
+    q = np.divide(data.astype(np.float32, copy=False), scale.reshape(shape)).round()
+    q += zero_point.reshape(shape)
+    np.clip(q, qmin, qmax, out=q)
+    name = quant_weight_name or f"{weight.name}{TENSOR_NAME_QUANT_SUFFIX}"
+    return numpy_helper.from_array(q.astype(onnx.helper.tensor_dtype_to_np_dtype(quant_type)).reshape(tuple(weight.dims)), name)
+
+
+def _quantizer_class() -> type:
+    """onnxruntime's QDQQuantizer, with per-channel weights scaled and quantized vectorised.
+
+    onnxruntime computes scales and quantizes weights channel by channel in Python (about
+    1 s and 0.4 s on ResNet-50); the result is identical (tested). Anything unusual
+    (overrides, blocks, float16, a minimum range) goes to onnxruntime's own code.
+    """
+    from onnxruntime.quantization import qdq_quantizer
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer, QDQQuantTensorType
     from onnxruntime.quantization.base_quantizer import QuantizationParams
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
     class VectorisedWeightsQDQQuantizer(QDQQuantizer):  # type: ignore[misc]
+        def quantize_model(self) -> onnx.ModelProto:
+            # onnxruntime calls the module-level function by name; swapping it for the
+            # duration is the only hook. A concurrent quantizer sees either function,
+            # and both give the same bytes.
+            original = qdq_quantizer.quantize_onnx_initializer
+
+            def quantize_initializer(*args: Any, **kwargs: Any) -> onnx.TensorProto:
+                fast = quantize_per_channel_initializer(*args, **kwargs)
+                return fast if fast is not None else original(*args, **kwargs)
+
+            qdq_quantizer.quantize_onnx_initializer = quantize_initializer
+            try:
+                return super().quantize_model()
+            finally:
+                qdq_quantizer.quantize_onnx_initializer = original
+
         def _calc_initializer_quant_params(self) -> dict[str, Any]:
             initializers = {t.name: t for t in self.model.initializer()}
             fast = {

@@ -20,7 +20,7 @@ from onnx import compose, helper
 from onnxshrink.data import Sample
 from onnxshrink.errors import ShrinkError
 from onnxshrink.runtime import make_session
-from onnxshrink.verify import FidelityMeter
+from onnxshrink.verify import FidelityMeter, sqnr_from_energies
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -120,12 +120,6 @@ def node_sensitivity(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[
     return ranked
 
 
-def _sqnr_from_sums(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    return -math.inf if signal == 0.0 else 10.0 * math.log10(signal / noise)
-
-
 def _sqnr_in_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, views_of: dict[str, str], samples: list[Sample]) -> dict[str, float]:
     """Per-tensor SQNR computed inside onnxruntime, on one model holding both graphs.
 
@@ -179,7 +173,7 @@ def _sqnr_in_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, views_of: dict[s
     for sample in samples:
         for name, value in zip(names, session.run(names, sample.feeds)):
             sums[name] += float(value)
-    return {tensor: _sqnr_from_sums(sums[signal], sums[noise]) for tensor, (signal, noise) in outputs.items()}
+    return {tensor: sqnr_from_energies(sums[signal], sums[noise]) for tensor, (signal, noise) in outputs.items()}
 
 
 def _sqnr_exposed(fp32: onnx.ModelProto, qdq: onnx.ModelProto, views_of: dict[str, str], samples: list[Sample]) -> dict[str, float]:
