@@ -432,25 +432,51 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
     error, or a run that is too slow or too big for the probe, is left for the real session to
     report. Linux/macOS only (fork); elsewhere this does nothing.
     """
-    if not hasattr(os, "fork"):
-        return
-    import multiprocessing
-    import signal
+    CrashProbe(model_path).wait()
 
-    context = multiprocessing.get_context("fork")
-    child = context.Process(target=_probe_child, args=(str(model_path),), daemon=True)
-    child.start()
-    child.join(_PROBE_SECONDS)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-        raise ShrinkError(f"onnxruntime did not finish loading the model within {_PROBE_SECONDS:.0f} s")
-    if child.exitcode < 0:
-        try:
-            name = signal.Signals(-child.exitcode).name
-        except ValueError:
-            name = f"signal {-child.exitcode}"
-        raise ShrinkError(f"onnxruntime crashes ({name}) when it loads or runs this model (tried in a child process); it cannot be processed", path=str(model_path))
+
+class CrashProbe:
+    """:func:`check_onnxruntime_survives` in two halves, so that work that does not touch
+    onnxruntime can run while the child tries the model: start it, then :meth:`wait` before
+    this process makes its first session."""
+
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        self.model_path = str(model_path)
+        self.child: Any = None
+        if hasattr(os, "fork"):
+            import multiprocessing
+
+            self.child = multiprocessing.get_context("fork").Process(target=_probe_child, args=(self.model_path,), daemon=True)
+            self.child.start()
+
+    def cancel(self) -> None:
+        """Stop the child (the command failed for another reason first)."""
+        child, self.child = self.child, None
+        if child is not None and child.exitcode is None:
+            child.kill()
+            child.join()
+
+    def wait(self) -> None:
+        """Raise :class:`ShrinkError` if onnxruntime crashed (or hung) on the model in the child."""
+        import signal
+
+        child, self.child = self.child, None
+        if child is None:
+            return
+        child.join(_PROBE_SECONDS)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise ShrinkError(f"onnxruntime did not finish loading the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+        if child.exitcode < 0:
+            try:
+                name = signal.Signals(-child.exitcode).name
+            except ValueError:
+                name = f"signal {-child.exitcode}"
+            raise ShrinkError(
+                f"onnxruntime crashes ({name}) when it loads or runs this model (tried in a child process); it cannot be processed",
+                path=self.model_path,
+            )
 
 
 def _probe_child(model_path: str) -> None:

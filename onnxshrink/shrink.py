@@ -41,7 +41,7 @@ from onnxshrink.passes.prepare import prepare
 from onnxshrink.quantize.pipeline import iter_range, split_samples
 from onnxshrink.recipe.recipe import DataSpec, Recipe
 from onnxshrink.recipe.steps import BenchStep, ChannelPruneStep, DistillStep, FoldStep, Int8Step, MagnitudePruneStep
-from onnxshrink.runtime import check_onnxruntime_survives, make_session
+from onnxshrink.runtime import CrashProbe, make_session
 from onnxshrink.stats import count_macs, count_parameters
 from onnxshrink.verify import Fidelity, FidelityMeter
 
@@ -278,20 +278,25 @@ class _Pipeline:
         recipe = self.recipe
         check_output_path(self.output_path, input_path=self.model_path)
         original, info = load_model(self.model_path)  # refuses FIFOs, devices, ... first
-        check_onnxruntime_survives(self.model_path)
-        self.input_sha256 = file_sha256(self.model_path)
-        source = recipe.data.calibration
-        if source is None and recipe.int8 is not None:
-            raise ConfigError("--calib DATA is required to quantize: a .npz file, a folder of .npz or images, or 'random'")
-        self.on_random = source is None or source == "random"
-        self.data_options = recipe.data.data_options()
-        if source is None:
-            d = self.data_options
-            self.dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=d.seed, shapes=d.shapes)
-        else:
-            self.dataset = open_dataset(source, original, self.data_options)
-        macs_before = count_macs(original).total
-        params_before = count_parameters(original)
+        probe = CrashProbe(self.model_path)  # runs while the work below, which needs no onnxruntime session, goes on
+        try:
+            self.input_sha256 = file_sha256(self.model_path)
+            source = recipe.data.calibration
+            if source is None and recipe.int8 is not None:
+                raise ConfigError("--calib DATA is required to quantize: a .npz file, a folder of .npz or images, or 'random'")
+            self.on_random = source is None or source == "random"
+            self.data_options = recipe.data.data_options()
+            if source is None:
+                d = self.data_options
+                self.dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=d.seed, shapes=d.shapes)
+            else:
+                self.dataset = open_dataset(source, original, self.data_options)
+            macs_before = count_macs(original).total
+            params_before = count_parameters(original)
+        except BaseException:
+            probe.cancel()
+            raise
+        probe.wait()
         # The original is kept for the end-to-end fidelity when a step other than int8
         # changes the numbers; otherwise int8 gets the only reference (memory).
         changes = [s.type for s in recipe.steps if s.type in ("prune.channels", "prune.magnitude", "distill")]

@@ -329,3 +329,39 @@ def test_concat_output_takes_the_union_of_its_inputs_ranges():
     reader = next(n for n in qdq.graph.node if concat.output[0] in n.input and n.op_type == "QuantizeLinear")
     out_scale = float(inits[reader.input[1]])
     assert out_scale == pytest.approx(max(in_scales), rel=1e-6)
+
+
+def test_expected_drop_weighs_flips_by_the_references_confidence():
+    """A flip between classes the fp32 model cannot tell apart costs ~0 expected accuracy;
+    a confident flip costs a whole sample. Plain agreement counts both as one."""
+    from onnxshrink.verify import FidelityMeter, class_probabilities
+
+    near_tie = np.array([[2.0, 1.999, -3.0]], np.float32)
+    confident = np.array([[9.0, 0.0, -3.0]], np.float32)
+    flipped = np.array([[0.0, 1.0, 0.0]], np.float32)  # argmax 1
+    meter = FidelityMeter()
+    meter.update([near_tie], [flipped])
+    meter.update([confident], [flipped])
+    meter.update([confident], [confident])
+    meter.update([confident], [confident])
+    fid = meter.result()
+    assert fid.top1_agreement == 0.5
+    p = class_probabilities(confident)
+    assert fid.expected_drop_points == pytest.approx(100 * (0.0 + 0.0002 + p[0, 0] - p[0, 1]) / 4, abs=0.05)
+    # distributions are used as they are; independent sigmoids give no distribution: flips count whole
+    assert np.allclose(class_probabilities(np.array([[0.7, 0.3]])), [[0.7, 0.3]])
+    assert class_probabilities(np.array([[0.9, 0.8]])) is None
+    sigmoid = FidelityMeter()
+    sigmoid.update([np.array([[0.9, 0.8]])], [np.array([[0.8, 0.9]])])
+    assert sigmoid.result().expected_drop_points == 100.0
+
+
+def test_default_target_uses_the_confidence_weighted_drop_and_an_explicit_one_agreement():
+    from onnxshrink.quantize.pipeline import _drop_points, _target
+    from onnxshrink.verify import Fidelity
+
+    fid = Fidelity(samples=32, sqnr_db=25.0, cosine=0.99, max_abs_error=0.1, top1_agreement=0.9, expected_drop_points=0.2)
+    default = _target(Int8Config(), classify=True)
+    explicit = _target(Int8Config(max_drop=1.0), classify=True)
+    assert _drop_points(fid, default) == 0.2
+    assert _drop_points(fid, explicit) == pytest.approx(10.0)

@@ -51,7 +51,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
     "(one feed each), an image folder, or 'random' (accuracy then unknown).",
 )
 @click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True, help="Activation range calibration.")
-@click.option("--max-drop", type=float, help="Largest allowed top-1 drop in points (agreement with fp32, or accuracy when the data has labels). Default 1.0.")
+@click.option("--max-drop", type=float, help="Largest allowed top-1 drop in points: accuracy when the data has labels, else disagreement with fp32. "
+              "Without it: at most 1.0 point of expected accuracy drop (each flip weighted by the fp32 model's own "
+              "confidence, so near-ties cost ~0) or SQNR >= 30 dB.")
 @click.option("--min-sqnr", type=float, help="Smallest allowed output SQNR in dB (for models whose output is not class scores).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep matching nodes in fp32 (fnmatch on node names, or re:REGEX). Repeatable.")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
@@ -245,12 +247,20 @@ def render(o: ShrinkOutcome) -> str:
         r = o.int8
         f = r.fidelity
         target = r.target
-        target_text = (f"top-1 drop <= {target['value']} points" if target["kind"] == "max_drop_points" else f"SQNR >= {target['value']} dB") + (" (default)" if target.get("default") else "")
+        if target["kind"] != "max_drop_points":
+            target_text = f"SQNR >= {target['value']} dB"
+        elif target.get("estimate") == "confidence_weighted":
+            target_text = f"expected top-1 drop <= {target['value']} points or SQNR >= {target['or_min_sqnr_db']} dB"
+        else:
+            target_text = f"top-1 drop <= {target['value']} points"
+        target_text += " (default)" if target.get("default") else ""
         frac = r.fusion.int8_mac_fraction
         fid_rows = [
             ("samples", f"{r.evaluation_samples} held back" if not r.evaluation_overlaps_calibration else f"{r.evaluation_samples} (= calibration set)"),
             ("top-1 agreement", _pct(f.top1_agreement)),
         ]
+        if f.expected_drop_points is not None and f.accuracy_reference is None:
+            fid_rows.append(("expected top-1 drop", f"{f.expected_drop_points:.2f} points (flips weighted by fp32 confidence)"))
         if f.accuracy_reference is not None:
             fid_rows.append(("accuracy fp32 -> int8", f"{_pct(f.accuracy_reference)} -> {_pct(f.accuracy_candidate)}"))
         fid_rows += [

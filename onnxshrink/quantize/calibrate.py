@@ -18,6 +18,7 @@ Range choice per tensor (all for asymmetric uint8 activations):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -35,7 +36,11 @@ from onnxshrink.stats import weightless_copy
 log = logging.getLogger(__name__)
 
 BINS = 2048  # must be divisible by 4 for range doubling
-HISTOGRAM_SAMPLE = 1 << 14  # values per tensor and sample that go into the histogram
+HISTOGRAM_SAMPLE = 1 << 14  # values per tensor and sample that go into the histogram, at most
+#: Values per tensor that go into its histogram over the whole calibration set, about: the
+#: subsample per sample shrinks as samples grow (from HISTOGRAM_SAMPLE down to 2048), so the
+#: histogram work, a third of calibration time on small CNNs, stays bounded.
+HISTOGRAM_TOTAL = 1 << 17
 METHODS = ("minmax", "percentile", "mse", "entropy")
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -95,27 +100,73 @@ class TensorStats:
         return -self.radius + width * (np.arange(BINS) + 0.5)
 
 
-def float_activations(model: onnx.ModelProto) -> list[str]:
-    """Names of float tensors computed at run time (graph inputs and node outputs)."""
-    # Types only: inference on a weightless copy is the same and does not ship the weights
-    # through protobuf serialisation twice.
-    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False)
+def float_activations(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int | None]:
+    """Float tensors computed at run time (graph inputs and node outputs), in graph order,
+    each with its element count when shape inference knows it (``None`` otherwise).
+
+    ``input_shapes`` (e.g. the first sample's) fixes the graph inputs' dynamic dims for the
+    inference, so that the counts are known for models exported with a dynamic batch.
+    """
+    # Inference on a weightless copy is the same and does not ship the weights through
+    # protobuf serialisation twice.
+    copy = weightless_copy(model)
+    for value in copy.graph.input:
+        shape = (input_shapes or {}).get(value.name)
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if shape is not None and len(shape) == len(dims):
+            for dim, size in zip(dims, shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
+    except Exception:  # noqa: BLE001 - the sample's shapes contradict the model: infer without them
+        if not input_shapes:
+            raise
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False)
     types: dict[str, int] = {}
+    sizes: dict[str, int | None] = {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         if value.type.HasField("tensor_type"):
-            types[value.name] = value.type.tensor_type.elem_type
+            tensor = value.type.tensor_type
+            types[value.name] = tensor.elem_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else [None]
+            sizes[value.name] = None if None in dims else int(np.prod(dims, dtype=np.int64))
     initializers = {t.name for t in model.graph.initializer}
     names: list[str] = [i.name for i in model.graph.input if types.get(i.name) in _FLOAT_TYPES and i.name not in initializers]
     for node in model.graph.node:
         for out in node.output:
             if out and types.get(out) in _FLOAT_TYPES:
                 names.append(out)
-    return list(dict.fromkeys(names))
+    return {name: sizes.get(name) for name in dict.fromkeys(names)}
 
 
-def _add_summaries(summary: onnx.ModelProto, names: list[str], *, histogram: bool) -> dict[str, tuple[str, str, str | None]]:
+def subsample_stride(size: int, sample: int) -> int:
+    """A stride that takes about ``sample`` of ``size`` values and is coprime with ``size``.
+
+    Coprime, so that the strided subsample does not alias with the tensor's layout: a plain
+    ``size // sample`` of 7 on a [1, 1280, 7, 7] tensor would read only the first column of
+    every channel (seen on MobileNetV2: 3.8 dB of SQNR lost to a badly chosen range).
+    """
+    step = max(size // sample, 1)
+    while math.gcd(step, size) != 1:
+        step += 1
+    return step
+
+
+def histogram_sample(samples: int | None) -> int:
+    """Values per tensor and sample for the histogram, when calibrating on ``samples`` samples."""
+    if not samples:
+        return HISTOGRAM_SAMPLE
+    return min(HISTOGRAM_SAMPLE, max(2048, HISTOGRAM_TOTAL // samples))
+
+
+def _add_summaries(
+    summary: onnx.ModelProto, names: dict[str, int | None], *, histogram: bool, sample: int = HISTOGRAM_SAMPLE
+) -> dict[str, tuple[str, str, str | None]]:
     """Make ``summary`` also output, for every tensor in ``names``, its min, its max and (for
-    histograms) a strided subsample of at most ~HISTOGRAM_SAMPLE values (in place).
+    histograms) a strided subsample of about ``sample`` values (in place).
+    ``names`` maps each tensor to its element count if known: then the stride is a constant
+    (2 nodes instead of 6 a tensor, which halves the summaries' run time on small CNNs).
 
     onnxruntime computes these small summaries in place, so no activation is copied out
     and its memory planner can still reuse buffers: calibration memory is that of one
@@ -129,11 +180,12 @@ def _add_summaries(summary: onnx.ModelProto, names: list[str], *, histogram: boo
         numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_flat"),
         numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_zero"),
         numpy_helper.from_array(np.array([2**62], np.int64), f"{prefix}_end"),
-        numpy_helper.from_array(np.array(HISTOGRAM_SAMPLE, np.int64), f"{prefix}_sample"),
+        numpy_helper.from_array(np.array(sample, np.int64), f"{prefix}_sample"),
         numpy_helper.from_array(np.array(1, np.int64), f"{prefix}_one"),
     ])
     outputs: dict[str, tuple[str, str, str | None]] = {}
-    for i, name in enumerate(names):
+    steps: dict[int, str] = {}  # constant stride -> its initializer
+    for i, (name, size) in enumerate(names.items()):
         p = f"{prefix}_{i}"
         nodes = [
             helper.make_node("ReduceMin", [name], [f"{p}_min"], keepdims=0),
@@ -142,14 +194,22 @@ def _add_summaries(summary: onnx.ModelProto, names: list[str], *, histogram: boo
         sub = None
         if histogram:
             sub = f"{p}_sub"
-            nodes += [
-                helper.make_node("Reshape", [name, f"{prefix}_flat"], [f"{p}_flat"]),
-                helper.make_node("Size", [name], [f"{p}_size"]),
-                helper.make_node("Div", [f"{p}_size", f"{prefix}_sample"], [f"{p}_ratio"]),
-                helper.make_node("Max", [f"{p}_ratio", f"{prefix}_one"], [f"{p}_step0"]),
-                helper.make_node("Reshape", [f"{p}_step0", f"{prefix}_flat"], [f"{p}_step"]),
-                helper.make_node("Slice", [f"{p}_flat", f"{prefix}_zero", f"{prefix}_end", f"{prefix}_zero", f"{p}_step"], [sub]),
-            ]
+            nodes.append(helper.make_node("Reshape", [name, f"{prefix}_flat"], [f"{p}_flat"]))
+            if size is not None:
+                step = subsample_stride(size, sample)
+                if step not in steps:
+                    steps[step] = f"{prefix}_step{step}"
+                    graph.initializer.append(numpy_helper.from_array(np.array([step], np.int64), steps[step]))
+                step_name = steps[step]
+            else:
+                step_name = f"{p}_step"
+                nodes += [
+                    helper.make_node("Size", [name], [f"{p}_size"]),
+                    helper.make_node("Div", [f"{p}_size", f"{prefix}_sample"], [f"{p}_ratio"]),
+                    helper.make_node("Max", [f"{p}_ratio", f"{prefix}_one"], [f"{p}_step0"]),
+                    helper.make_node("Reshape", [f"{p}_step0", f"{prefix}_flat"], [step_name]),
+                ]
+            nodes.append(helper.make_node("Slice", [f"{p}_flat", f"{prefix}_zero", f"{prefix}_end", f"{prefix}_zero", step_name], [sub]))
         graph.node.extend(nodes)
         for out in (f"{p}_min", f"{p}_max", sub):
             if out:
@@ -183,14 +243,20 @@ def collect_stats(
     position is in ``calibrate`` (all when None), keep the graph outputs of those in ``record``.
     ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
     """
-    names = tensors if tensors is not None else float_activations(model)
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:
+        raise DataError("no calibration samples")
+    samples = itertools.chain([first], samples)
+    activations = float_activations(model, {name: np.shape(value) for name, value in first.feeds.items()})
+    names = activations if tensors is None else {name: activations.get(name) for name in tensors}
     graph_outputs = [o.name for o in model.graph.output]
     # Summaries are added to the model itself for as long as it takes to create the session
     # (a copy would double the weights in memory), then taken out again.
     graph = model.graph
     sizes = (len(graph.node), len(graph.output), len(graph.initializer))
     try:
-        summaries = _add_summaries(model, names, histogram=histogram)
+        summaries = _add_summaries(model, names, histogram=histogram, sample=histogram_sample(len(calibrate) if calibrate is not None else None))
         session = make_session(model, threads=threads, optimization="basic")
     finally:
         del graph.node[sizes[0]:]

@@ -34,8 +34,10 @@ class Int8Config:
         op_types: op types to quantize; ``None`` is :data:`DEFAULT_OP_TYPES`.
         exclude: node-name patterns (fnmatch, or ``re:`` regexes) to keep in fp32.
         fusion_aware: drop quantization from units that the provider leaves unfused.
-        max_drop: largest allowed drop in top-1, in points (agreement with fp32, or task
-            accuracy when the data has labels).
+        max_drop: largest allowed drop in top-1, in points (task accuracy when the data has
+            labels, else disagreement with fp32). ``None`` (and no ``min_sqnr``): the default
+            target, 1 point of expected accuracy drop (flips weighted by the fp32 model's
+            confidence) or an output SQNR of 30 dB.
         min_sqnr: smallest allowed output SQNR in dB (for outputs that are not class scores).
         provider: the execution provider the model is meant for (fusion and timing).
         max_calibration_samples: use at most this many samples for calibration.

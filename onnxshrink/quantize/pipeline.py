@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,14 @@ from onnxshrink.verify import Fidelity, FidelityMeter
 
 log = logging.getLogger(__name__)
 
+
+@contextlib.contextmanager
+def _phase(name: str) -> Iterator[None]:
+    """Log how long a phase took (``-v`` shows it): where conversion time goes."""
+    start = time.perf_counter()
+    yield
+    log.info("int8: %s took %.2f s", name, time.perf_counter() - start)
+
 #: Target when the user gives none: the top-1 accuracy drop, estimated without labels from the
 #: fp32 model's own class probabilities (``Fidelity.expected_drop_points``), at most this many
 #: points; or outputs that are not class scores keep at least this SQNR. Plain top-1 agreement
@@ -55,16 +65,10 @@ _FUSION_ROUNDS = 3
 _SENSITIVITY_SAMPLES = 8
 #: The fallback search builds and judges at most this many candidates.
 _MAX_CANDIDATES = 8
-#: Models with at least this many MACs per sample are run on all cores while calibrating and
-#: judging; below it, onnxruntime's thread hand-offs around many small ops cost more than
-#: they give (measured: ResNet-50 calibration 5.0-6.3 s on 1 thread, 3.7 s on 2; MobileNetV2
-#: 1.5 s either way).
-_MULTITHREAD_MACS = 1_000_000_000
-
-
-def work_threads(macs: int | None) -> int | None:
-    """Intra-op threads for running a model of ``macs`` per sample (None: all cores)."""
-    return None if macs is not None and macs >= _MULTITHREAD_MACS else 1
+#: Calibration and judging run on all cores: measured on 2 cores, never slower from a
+#: 20 MMAC model up (MobileNetV3-Large calibration 1.33 s on 1 thread, 1.03-1.12 s on 2;
+#: ResNet-50 5.0-6.3 s and 3.7 s). onnxruntime's own calibrator does the same.
+_THREADS: int | None = None
 
 
 @dataclass
@@ -255,33 +259,36 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
         raise UnsupportedModelError(f"int8 needs tensor outputs; output '{not_tensors[0]}' is a sequence, map or optional")
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
-    reference = outputs_on(model, checks)  # the original's outputs: every rewrite is checked against them
-    prepared, prep_report = prepare(model, checks, reference=reference)
-    del model  # the caller may have handed over its only reference
-    if config.provider == "cpu":
-        prepared, steps = int8_friendly(prepared, checks, reference)
-        prep_report.steps += steps
-    ensure_node_names(prepared)
-    release_memory()
-    macs = count_macs(prepared)
-    threads = work_threads(macs.total)
+    with _phase("preparation"):
+        reference = outputs_on(model, checks)  # the original's outputs: every rewrite is checked against them
+        prepared, prep_report = prepare(model, checks, reference=reference)
+        del model  # the caller may have handed over its only reference
+        if config.provider == "cpu":
+            prepared, steps = int8_friendly(prepared, checks, reference)
+            prep_report.steps += steps
+        ensure_node_names(prepared)
+        release_memory()
+    with _phase("MAC count"):
+        macs = count_macs(prepared)
+    threads = _THREADS
 
     # One pass over the data: statistics on the calibration samples, fp32 outputs (of the
     # prepared model, equal to the original's within 1e-4) on the evaluation samples.
     method = "mse" if config.method == "auto" else config.method
     span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
     outliers = OutlierWatch(dataset.source)
-    calibration = collect_stats(
-        prepared,
-        outliers.watch(iter_range(dataset, span)),
-        histogram=method != "minmax",
-        calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
-        record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
-        progress=progress,
-        threads=threads,
-    )
-    outliers.check()
-    ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
+    with _phase("calibration"):
+        calibration = collect_stats(
+            prepared,
+            outliers.watch(iter_range(dataset, span)),
+            histogram=method != "minmax",
+            calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
+            record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
+            progress=progress,
+            threads=threads,
+        )
+        outliers.check()
+        ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     concat_ranges_from_inputs(prepared, ranges)
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
     del calibration
@@ -326,8 +333,10 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
                 report = analyze_fusion(candidate, provider=config.provider, macs_by_node=macs.by_node)
         return candidate, report, fusion_excluded
 
-    candidate, fusion, fusion_fallback = build([])
-    fidelity = evaluate(candidate)
+    with _phase("QDQ build and fusion check"):
+        candidate, fusion, fusion_fallback = build([])
+    with _phase("fidelity check"):
+        fidelity = evaluate(candidate)
     tried = 1
     sensitivity: list[NodeSensitivity] = []
     accuracy_fallback: list[FallbackNode] = []
