@@ -278,6 +278,7 @@ def make_session(
     provider_options: dict[str, Any] | None = None,
     enable_profiling: bool = False,
     memory_arena: bool = True,
+    memory_pattern: bool = True,
     config_entries: dict[str, str] | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on exactly the requested provider.
@@ -300,6 +301,10 @@ def make_session(
     # One-off sessions (calibration with every activation exposed) are better off without
     # the arena, which keeps its peak for the session's life.
     options.enable_cpu_mem_arena = memory_arena
+    # A graph that exposes every activation to extra consumers (calibration summaries) gets
+    # a memory pattern that keeps far more alive at once: off, ConvNeXt-T's calibration peak
+    # went from 1093 to 795 MiB and DenseNet-121's from 555 to 385 MiB, at the same speed.
+    options.enable_mem_pattern = memory_pattern
     for key, value in (config_entries or {}).items():
         options.add_session_config_entry(key, value)
     providers: list[Any] = [(full, provider_options or {})]

@@ -166,7 +166,7 @@ def _sqnr_in_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, views_of: dict[s
     joined.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
     joined.ir_version = max(fp32.ir_version, qdq.ir_version)
     joined.functions.extend(fp32.functions)
-    session = make_session(joined, threads=1, optimization="basic", memory_arena=False)
+    session = make_session(joined, threads=1, optimization="basic", memory_arena=False, memory_pattern=False)
     del joined
     names = [o.name for o in session.get_outputs()]
     sums = {name: 0.0 for name in names}
