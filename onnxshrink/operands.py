@@ -9,6 +9,7 @@ process (SIGSEGV) on its first run (found by fuzzing, onnx 1.23 / onnxruntime 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -25,22 +26,28 @@ def check_required_inputs(model: onnx.ModelProto, graphs: list[onnx.GraphProto],
         graphs: the main graph and its subgraphs (already vetted for nesting depth).
         path: the model file, named in the error.
     """
-    versions = {("ai.onnx" if o.domain == "" else o.domain): o.version for o in model.opset_import}
-    opset = versions.get("ai.onnx")
-    if opset is None:
-        return
-    for graph in graphs:
-        for node in graph.node:
+    opset = _default_opset(model.opset_import)
+    groups = [(opset, graph.node) for graph in graphs]
+    # onnxruntime inlines model-local functions, each with its own opset imports.
+    groups += [(_default_opset(function.opset_import), function.node) for function in model.functions]
+    for version, nodes in groups:
+        if version is None:
+            continue
+        for node in nodes:
             if node.domain not in ("", "ai.onnx") or "" not in node.input:
                 continue
             try:
-                schema = onnx.defs.get_schema(node.op_type, opset, "")
+                schema = onnx.defs.get_schema(node.op_type, version, "")
             except onnx.defs.SchemaError:
                 continue  # an unknown op is the checker's (or onnxruntime's) to report
             for index, name in enumerate(node.input):
                 if name == "" and not _is_optional(schema, index):
                     what = f"'{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
                     raise ModelLoadError(f"{what} leaves its required input {index} empty", path=path)
+
+
+def _default_opset(imports: Iterable[onnx.OperatorSetIdProto]) -> int | None:
+    return next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
 
 
 def _is_optional(schema: OpSchema, index: int) -> bool:

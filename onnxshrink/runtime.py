@@ -432,7 +432,7 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
     onnx checker, e.g. an opset-23 LayerNormalization whose scale is a graph input (found by
     fuzzing), at session creation or at the first run. A crash cannot be caught in-process,
     so the first session is made in a forked child, which also runs it once on zero-filled
-    inputs (symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
+    inputs (ones for integers, symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
     if the child dies by a signal, the model is refused in one line. An ordinary onnxruntime
     error, or a run that is too slow or too big for the probe, is left for the real session to
     report. Linux/macOS only (fork); elsewhere this does nothing.
@@ -472,7 +472,9 @@ class CrashProbe:
         if child.exitcode is None:
             child.kill()
             child.join()
-            raise ShrinkError(f"onnxruntime did not finish loading the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+            raise ShrinkError(f"onnxruntime did not finish loading and running the model once within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+        if child.exitcode == -getattr(signal, "SIGKILL", 9):
+            return  # the kernel's out-of-memory killer (or a user): says nothing about a crash
         if child.exitcode < 0:
             try:
                 name = signal.Signals(-child.exitcode).name
@@ -508,7 +510,7 @@ def _probe_child(model_path: str) -> None:
     except BaseException:  # noqa: BLE001 - an ordinary error is the real session's to report
         os._exit(0)
     try:
-        feeds = {i.name: _zero_feed(i) for i in session.get_inputs()}
+        feeds = {i.name: _probe_feed(i) for i in session.get_inputs()}
         bound = memory_bound()
         if bound is not None:
             import resource
@@ -533,9 +535,12 @@ _PROBE_DTYPES = {
 }
 
 
-def _zero_feed(node_arg: Any) -> np.ndarray:
-    """Zeros of the input's declared type and shape, symbolic dims as 1 (``KeyError``: not a plain tensor)."""
+def _probe_feed(node_arg: Any) -> np.ndarray:
+    """An input of the declared type and shape, symbolic dims as 1 (``KeyError``: not a plain
+    tensor): zeros for floats, ones for integers (zero divisors would trap integer kernels
+    with SIGFPE, refusing a sound model)."""
     shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (node_arg.shape or [])]
     if int(np.prod(shape, dtype=np.float64)) > 1 << 28:
         raise ValueError("input too large for the probe")
-    return np.zeros(shape, _PROBE_DTYPES[node_arg.type])
+    dtype = np.dtype(_PROBE_DTYPES[node_arg.type])
+    return np.zeros(shape, dtype) if dtype.kind == "f" else np.ones(shape, dtype)

@@ -77,3 +77,47 @@ def test_non_finite_activations_are_refused():
 
     with pytest.raises(DataError, match="NaN or infinite"):
         _stats([np.array([1.0, np.inf], np.float32)])
+
+
+def _dynamic_conv() -> "onnx.ModelProto":
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_histogram_subsample_stays_bounded_when_later_samples_are_larger():
+    """The stride comes from the first sample's shapes; a larger later sample must not send
+    its whole activations out of onnxruntime (a folder of .npz may vary in shape)."""
+    from onnxshrink.data import Sample
+    from onnxshrink.quantize.calibrate import collect_stats, histogram_sample
+
+    rng = np.random.default_rng(1)
+    samples = [Sample({"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}), Sample({"x": rng.standard_normal((1, 3, 256, 256)).astype(np.float32)})]
+    stats = collect_stats(_dynamic_conv(), iter(samples), histogram=True, calibrate=range(2)).stats
+    cap = histogram_sample(2)
+    assert 4 * 256 * 256 > cap  # the big sample really is bigger than the cap
+    for name in ("c", "y"):
+        assert stats[name].hist is not None
+        assert 4 * 8 * 8 < stats[name].hist.sum() <= 4 * 8 * 8 + cap, name
+    # exact minimum and maximum still come from the whole tensors
+    assert stats["y"].hi > 3.0
+
+
+def test_subsample_stride_is_coprime_with_the_size():
+    import math
+
+    from onnxshrink.quantize.calibrate import subsample_stride
+
+    for size in (1, 2, 49, 62720, 1280 * 7 * 7, 2**20, 3 * 224 * 224):
+        step = subsample_stride(size, 4096)
+        assert step >= 1 and math.gcd(step, size) == 1
+        assert size // step >= min(size, 4096) // 2

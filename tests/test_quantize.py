@@ -365,3 +365,6 @@ def test_default_target_uses_the_confidence_weighted_drop_and_an_explicit_one_ag
     explicit = _target(Int8Config(max_drop=1.0), classify=True)
     assert _drop_points(fid, default) == 0.2
     assert _drop_points(fid, explicit) == pytest.approx(10.0)
+    # far-off outputs (an embedding's near-uniform softmax would excuse any flip): plain disagreement
+    fid.sqnr_db = 12.0
+    assert _drop_points(fid, default) == pytest.approx(10.0)

@@ -50,8 +50,11 @@ Non-finite floats (an SQNR of identical outputs) are written as the strings ``"i
         speedup             1 / latency_ratio = p50(baseline) / p50(candidate)
         fidelity            {samples: int, sqnr_db, cosine, max_abs_error: float|str,
                              top1_agreement: float|null, accuracy_reference,
-                             accuracy_candidate, accuracy_drop_points: float|null}
-                            (candidate outputs against the baseline's on settings.data)
+                             accuracy_candidate, accuracy_drop_points,
+                             expected_drop_points: float|null}
+                            (candidate outputs against the baseline's on settings.data;
+                            expected_drop_points weighs each top-1 flip by the
+                            baseline's own class probability margin)
       profile         null | {runs: int, total_us_per_run: float,
                        by_op_type: [{op_type: str, us_per_run: float (median over runs),
                                      share: float, nodes: int}] slowest first,

@@ -99,9 +99,15 @@ def outputs_on(model: onnx.ModelProto, samples: list[Sample]) -> list[list[np.nd
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's provider-independent (basic) graph optimisations, as a new model."""
+    return _basic_optimize(model, None)[0]
+
+
+def _basic_optimize(model: onnx.ModelProto, samples: list[Sample] | None) -> tuple[onnx.ModelProto, list[list[np.ndarray]] | None]:
+    """:func:`ort_basic_optimize`; with ``samples``, the optimising session also runs them
+    and returns the outputs (``model``'s, as onnxruntime computes them)."""
     with tempfile.TemporaryDirectory(prefix="onnxshrink-prep-") as tmp:
         target = Path(tmp) / "optimized.onnx"
-        make_session(
+        session = make_session(
             model,
             threads=1,
             optimization="basic",
@@ -111,11 +117,13 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
                 "session.optimized_model_external_initializers_min_size_in_bytes": "1000000000",
             },
         )
+        outputs = [session.run(None, s.feeds) for s in samples] if samples is not None else None
+        del session
         # onnxruntime writes dims it does not know as -1 (e.g. in If branches); the loader
         # reads those as unknown (corpus: node/test_affine_grid_3d_expanded).
         optimized, _ = load_model(target, check=False)
     prune_opset_imports(optimized)
-    return optimized
+    return optimized, outputs
 
 
 def _global_pool_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -182,18 +190,41 @@ def prepare(
         samples: a few samples to check each step on.
         reference: ``model``'s outputs on ``samples`` if already computed.
     """
+    prepared, report, _ = prepare_with_reference(model, samples, reference=reference, min_opset=min_opset)
+    return prepared, report
+
+
+def prepare_with_reference(
+    model: onnx.ModelProto,
+    samples: list[Sample],
+    *,
+    reference: list[list[np.ndarray]] | None = None,
+    min_opset: int = 13,
+) -> tuple[onnx.ModelProto, PrepareReport, list[list[np.ndarray]]]:
+    """:func:`prepare`, also returning ``model``'s outputs on ``samples`` (the reference
+    that later rewrites are checked against)."""
     if is_quantized(model):
         raise UnsupportedModelError("the model is already quantized (it has Q/DQ or QLinear nodes); give the fp32 model")
     check_finite_weights(model)
-    if reference is None:
-        reference = outputs_on(model, samples)
     report = PrepareReport(nodes_before=len(model.graph.node))
     current = model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), min_opset)
     candidates: list[tuple[str, Any]] = []
     if opset < min_opset:
         candidates.append((f"opset {opset} -> {min_opset}", lambda m: _upgrade_opset(m, min_opset)))
-    candidates.append(("fold constants and BatchNorm (onnxruntime basic optimiser)", ort_basic_optimize))
+    fold = "fold constants and BatchNorm (onnxruntime basic optimiser)"
+    if reference is None and opset >= min_opset:
+        # The optimising session runs the samples too: the reference without a second
+        # session on the original (the optimised copy is still checked against it).
+        try:
+            folded, reference = _basic_optimize(model, samples)
+            candidates.append((fold, lambda m: folded))
+        except Exception:  # noqa: BLE001 - retried as a step below (skipped if it fails again)
+            candidates.append((fold, ort_basic_optimize))
+    else:
+        candidates.append((fold, ort_basic_optimize))
+    if reference is None:
+        reference = outputs_on(model, samples)
     candidates.append(("ReduceMean over H,W -> GlobalAveragePool", _global_pool_rewrite))
     for name, step in candidates:
         try:
@@ -219,4 +250,4 @@ def prepare(
     removed = cleanup(current)
     report.steps.append({"step": "remove dead nodes and unused initializers", "applied": True, **removed})
     report.nodes_after = len(current.graph.node)
-    return current, report
+    return current, report, reference

@@ -130,7 +130,8 @@ def float_activations(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
             tensor = value.type.tensor_type
             types[value.name] = tensor.elem_type
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else [None]
-            sizes[value.name] = None if None in dims else int(np.prod(dims, dtype=np.int64))
+            size = None if None in dims else math.prod(dims)
+            sizes[value.name] = size if size is not None and 0 < size < 2**62 else None
     initializers = {t.name for t in model.graph.initializer}
     names: list[str] = [i.name for i in model.graph.input if types.get(i.name) in _FLOAT_TYPES and i.name not in initializers]
     for node in model.graph.node:
@@ -195,12 +196,16 @@ def _add_summaries(
         if histogram:
             sub = f"{p}_sub"
             nodes.append(helper.make_node("Reshape", [name, f"{prefix}_flat"], [f"{p}_flat"]))
-            if size is not None:
+            end_name = f"{prefix}_end"
+            if size is not None and size > 0:
+                # The size comes from the first sample (or a declared shape): the end caps
+                # the subsample at ``sample`` values should a later sample be much larger.
                 step = subsample_stride(size, sample)
                 if step not in steps:
                     steps[step] = f"{prefix}_step{step}"
                     graph.initializer.append(numpy_helper.from_array(np.array([step], np.int64), steps[step]))
-                step_name = steps[step]
+                    graph.initializer.append(numpy_helper.from_array(np.array([min(step * sample, 2**62)], np.int64), steps[step] + "_end"))
+                step_name, end_name = steps[step], steps[step] + "_end"
             else:
                 step_name = f"{p}_step"
                 nodes += [
@@ -209,7 +214,7 @@ def _add_summaries(
                     helper.make_node("Max", [f"{p}_ratio", f"{prefix}_one"], [f"{p}_step0"]),
                     helper.make_node("Reshape", [f"{p}_step0", f"{prefix}_flat"], [step_name]),
                 ]
-            nodes.append(helper.make_node("Slice", [f"{p}_flat", f"{prefix}_zero", f"{prefix}_end", f"{prefix}_zero", step_name], [sub]))
+            nodes.append(helper.make_node("Slice", [f"{p}_flat", f"{prefix}_zero", end_name, f"{prefix}_zero", step_name], [sub]))
         graph.node.extend(nodes)
         for out in (f"{p}_min", f"{p}_max", sub):
             if out:

@@ -31,7 +31,7 @@ from onnxshrink.data import Dataset, OutlierWatch, Sample
 from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
-from onnxshrink.passes.prepare import PrepareReport, outputs_on, prepare
+from onnxshrink.passes.prepare import PrepareReport, prepare_with_reference
 from onnxshrink.quantize.calibrate import choose_range, collect_stats, concat_ranges_from_inputs
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
@@ -182,10 +182,18 @@ def _target(config: Int8Config, classify: bool) -> dict[str, Any]:
 
 def _drop_points(fidelity: Fidelity, target: dict[str, Any]) -> float:
     """The drop the target is about: task accuracy with labels; else the default target's
-    confidence-weighted estimate, or plain top-1 disagreement for an explicit ``--max-drop``."""
+    confidence-weighted estimate (if the output SQNR is at least ``DEFAULT_MIN_SQNR``), or
+    plain top-1 disagreement (an explicit ``--max-drop``, or outputs further off)."""
     if fidelity.accuracy_drop_points is not None:
         return fidelity.accuracy_drop_points
-    if target.get("estimate") == "confidence_weighted" and fidelity.expected_drop_points is not None:
+    if (
+        target.get("estimate") == "confidence_weighted"
+        and fidelity.expected_drop_points is not None
+        and fidelity.sqnr_db >= DEFAULT_MIN_SQNR
+    ):
+        # Only while the outputs stay close: softmax of an output with a small spread that
+        # is not logits (an embedding, a cosine head) is near uniform, and would excuse
+        # any number of flips.
         return fidelity.expected_drop_points
     if fidelity.top1_agreement is not None:
         return 100.0 * (1.0 - fidelity.top1_agreement)
@@ -260,8 +268,8 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     with _phase("preparation"):
-        reference = outputs_on(model, checks)  # the original's outputs: every rewrite is checked against them
-        prepared, prep_report = prepare(model, checks, reference=reference)
+        # ``reference``: the original's outputs on ``checks``; every rewrite is checked against them.
+        prepared, prep_report, reference = prepare_with_reference(model, checks)
         del model  # the caller may have handed over its only reference
         if config.provider == "cpu":
             prepared, steps = int8_friendly(prepared, checks, reference)
