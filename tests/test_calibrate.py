@@ -104,10 +104,10 @@ def test_histogram_subsample_stays_bounded_when_later_samples_are_larger():
     samples = [Sample({"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}), Sample({"x": rng.standard_normal((1, 3, 256, 256)).astype(np.float32)})]
     stats = collect_stats(_dynamic_conv(), iter(samples), histogram=True, calibrate=range(2)).stats
     cap = histogram_sample(2)
-    assert 4 * 256 * 256 > cap  # the big sample really is bigger than the cap
+    assert 4 * 256 * 256 > 2 * cap  # the big sample really is bigger than the cap
     for name in ("c", "y"):
         assert stats[name].hist is not None
-        assert 4 * 8 * 8 < stats[name].hist.sum() <= 4 * 8 * 8 + cap, name
+        assert 4 * 8 * 8 < stats[name].hist.sum() <= 4 * 8 * 8 + 2 * cap, name
     # exact minimum and maximum still come from the whole tensors
     assert stats["y"].hi > 3.0
 
@@ -121,3 +121,17 @@ def test_subsample_stride_is_coprime_with_the_size():
         step = subsample_stride(size, 4096)
         assert step >= 1 and math.gcd(step, size) == 1
         assert size // step >= min(size, 4096) // 2
+
+
+def test_histogram_subsample_covers_the_whole_tensor():
+    """The cap must not cut off the end of a tensor of the first sample's size (its last
+    channels would never reach the histogram)."""
+    from onnxshrink.data import Sample
+    from onnxshrink.quantize.calibrate import collect_stats
+
+    model = _dynamic_conv()
+    x = np.zeros((1, 3, 80, 80), np.float32)  # 19200 values: between one and two subsamples (16384)
+    x[:, -1, -2:, :] = 5.0  # only the tensor's last values are non-zero
+    stats = collect_stats(model, iter([Sample({"x": x})] * 3), histogram=True, calibrate=range(3)).stats
+    hist = stats["x"].hist
+    assert hist is not None and hist[len(hist) // 2 + 1 :].sum() > 0, "the tail values were never sampled"

@@ -199,12 +199,13 @@ def _add_summaries(
             end_name = f"{prefix}_end"
             if size is not None and size > 0:
                 # The size comes from the first sample (or a declared shape): the end caps
-                # the subsample at ``sample`` values should a later sample be much larger.
+                # the subsample at 2 * ``sample`` values should a later sample be much
+                # larger. (That size itself needs up to 2 * ``sample``: step = size // sample.)
                 step = subsample_stride(size, sample)
                 if step not in steps:
                     steps[step] = f"{prefix}_step{step}"
                     graph.initializer.append(numpy_helper.from_array(np.array([step], np.int64), steps[step]))
-                    graph.initializer.append(numpy_helper.from_array(np.array([min(step * sample, 2**62)], np.int64), steps[step] + "_end"))
+                    graph.initializer.append(numpy_helper.from_array(np.array([min(step * 2 * sample, 2**62)], np.int64), steps[step] + "_end"))
                 step_name, end_name = steps[step], steps[step] + "_end"
             else:
                 step_name = f"{p}_step"
