@@ -520,7 +520,10 @@ def _probe_child(model_path: str) -> None:
             limit = _ADDRESS_SPACE.mapped() + bound
             resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
         run_options = ort.RunOptions()
-        threading.Timer(_PROBE_RUN_SECONDS, lambda: setattr(run_options, "terminate", True)).start()
+        # No longer than a real run may take (ONNXSHRINK_MAX_RUN_SECONDS), so that a model
+        # that never ends is not waited on twice.
+        seconds = min(_PROBE_RUN_SECONDS, time_bound() or _PROBE_RUN_SECONDS)
+        threading.Timer(seconds, lambda: setattr(run_options, "terminate", True)).start()
         session.run(None, feeds, run_options)
     except BaseException:  # noqa: BLE001 - as above; too slow or too big is not a crash
         pass
