@@ -445,14 +445,31 @@ class CrashProbe:
     onnxruntime can run while the child tries the model: start it, then :meth:`wait` before
     this process makes its first session."""
 
-    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], model: onnx.ModelProto | None = None) -> None:
         self.model_path = str(model_path)
         self.child: Any = None
+        self._stages = -1
         if hasattr(os, "fork"):
             import multiprocessing
 
-            self.child = multiprocessing.get_context("fork").Process(target=_probe_child, args=(self.model_path,), daemon=True)
+            # The child reports each stage it enters on this pipe, so that a crash is named.
+            self._stages, write_end = os.pipe()
+            self.child = multiprocessing.get_context("fork").Process(
+                target=_probe_child, args=(self.model_path, model, write_end), daemon=True
+            )
             self.child.start()
+            os.close(write_end)
+
+    def _stage(self) -> bytes:
+        if self._stages < 0:
+            return b""
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self._stages, 64):
+                data += chunk
+        os.close(self._stages)
+        self._stages = -1
+        return data[-1:]
 
     def cancel(self) -> None:
         """Stop the child (the command failed for another reason first)."""
@@ -460,6 +477,7 @@ class CrashProbe:
         if child is not None and child.exitcode is None:
             child.kill()
             child.join()
+        self._stage()
 
     def wait(self) -> None:
         """Raise :class:`ShrinkError` if onnxruntime crashed (or hung) on the model in the child."""
@@ -472,7 +490,9 @@ class CrashProbe:
         if child.exitcode is None:
             child.kill()
             child.join()
-            raise ShrinkError(f"onnxruntime did not finish loading and running the model once within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+            self._stage()
+            raise ShrinkError(f"onnx and onnxruntime did not finish with the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+        stage = self._stage()
         if child.exitcode == -getattr(signal, "SIGKILL", 9):
             return  # the kernel's out-of-memory killer (or a user): says nothing about a crash
         if child.exitcode < 0:
@@ -480,13 +500,15 @@ class CrashProbe:
                 name = signal.Signals(-child.exitcode).name
             except ValueError:
                 name = f"signal {-child.exitcode}"
-            raise ShrinkError(
-                f"onnxruntime crashes ({name}) when it loads or runs this model (tried in a child process); it cannot be processed",
-                path=self.model_path,
-            )
+            what = "onnx's shape inference crashes" if stage == _STAGE_SHAPES else "onnxruntime crashes"
+            when = "on this model" if stage == _STAGE_SHAPES else "when it loads or runs this model"
+            raise ShrinkError(f"{what} ({name}) {when} (tried in a child process); it cannot be processed", path=self.model_path)
 
 
-def _probe_child(model_path: str) -> None:
+_STAGE_SHAPES, _STAGE_SESSION = b"s", b"o"
+
+
+def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) -> None:
     import signal
 
     # Die plainly by the signal: handlers inherited from the parent (faulthandler, a fuzzer's
@@ -500,6 +522,23 @@ def _probe_child(model_path: str) -> None:
         faulthandler.disable()
     except Exception:  # noqa: BLE001 - best effort
         pass
+    # A failed C++ assertion prints before it aborts: the command's output stays one line.
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    # onnx's C++ shape inference aborts on some malformed nodes that pass the checker (a
+    # Split whose outputs outnumber its num_outputs, found by fuzzing): the MAC count the
+    # parent makes next runs it, so it is tried here first, the same way.
+    os.write(stages, _STAGE_SHAPES)
+    try:
+        if model is not None:
+            from onnxshrink.stats import count_macs
+
+            count_macs(model)
+        else:
+            onnx.shape_inference.infer_shapes(onnx.load(model_path, load_external_data=False), strict_mode=False, data_prop=True)
+    except BaseException:  # noqa: BLE001 - an ordinary error is the parent's to report
+        pass
+    os.write(stages, _STAGE_SESSION)
     try:
         ort = _ort()
         options = ort.SessionOptions()

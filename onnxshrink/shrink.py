@@ -278,7 +278,9 @@ class _Pipeline:
         recipe = self.recipe
         check_output_path(self.output_path, input_path=self.model_path)
         original, info = load_model(self.model_path)  # refuses FIFOs, devices, ... first
-        probe = CrashProbe(self.model_path)  # runs while the work below, which needs no onnxruntime session, goes on
+        # Runs the MAC count's shape inference and a first session in a child, while the work
+        # below, which needs neither, goes on.
+        probe = CrashProbe(self.model_path, original)
         try:
             self.input_sha256 = file_sha256(self.model_path)
             source = recipe.data.calibration
@@ -291,12 +293,12 @@ class _Pipeline:
                 self.dataset: Dataset = RandomDataset(model_input_specs(original), count=8, seed=d.seed, shapes=d.shapes)
             else:
                 self.dataset = open_dataset(source, original, self.data_options)
-            macs_before = count_macs(original).total
             params_before = count_parameters(original)
         except BaseException:
             probe.cancel()
             raise
         probe.wait()
+        macs_before = count_macs(original).total
         # The original is kept for the end-to-end fidelity when a step other than int8
         # changes the numbers; otherwise int8 gets the only reference (memory).
         changes = [s.type for s in recipe.steps if s.type in ("prune.channels", "prune.magnitude", "distill")]

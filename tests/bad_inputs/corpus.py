@@ -432,6 +432,15 @@ def b_required_input_empty(lay: Layout) -> Built:
     return Built(save(model, lay.models / "model.onnx"), calib=_tiny_calib(lay))
 
 
+def b_split_outputs_outnumber(lay: Layout) -> Built:
+    """A Split with ``num_outputs=2`` and three outputs: the onnx checker passes it, and onnx's
+    own shape inference aborts the process (a failed C++ assertion). Found by fuzzing."""
+    node = helper.make_node("Split", ["input"], ["a", "b", "output"], axis=1, num_outputs=2)
+    model = _tiny_graph([node], [], out_shape=[1, 1], opset=18)
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("a", "b")])
+    return Built(save(model, lay.models / "model.onnx"), calib=_tiny_calib(lay))
+
+
 def _loop_model() -> onnx.ModelProto:
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["y_in", "one"], ["y_out"])],
@@ -682,6 +691,7 @@ CASES: list[Case] = [
     Case("ir-version-99", "graph", "inspect", "IR version 99", B, b_ir_99),
     Case("deep-if-nesting", "graph", "inspect", "not a valid ONNX protobuf", B, b_deep_if),
     Case("deep-loop-never-ends", "graph", "prune", "time bound", B, b_deep_loop, isolate=True),
+    Case("split-outputs-outnumber", "graph", "int8", "shape inference crashes", B, b_split_outputs_outnumber),
     Case("required-input-empty", "graph", "bench", "required input 2 empty", B, b_required_input_empty),
     Case("unknown-op-domain", "graph", "int8", "onnxruntime cannot load", B, b_unknown_op),
     Case("huge-loop-trip-count", "graph", "int8", "time bound", B, b_huge_loop, isolate=True),
