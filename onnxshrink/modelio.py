@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import stat
@@ -367,6 +368,10 @@ def _typed_field_count(tensor: TensorProto) -> tuple[int, int]:
 def _check_tensor(tensor: TensorProto, where: str, base_dir: Path, info: ModelInfo, path: Path) -> None:
     if any(d < 0 for d in tensor.dims):
         raise UnsafeModelError(f"{where} has a negative dimension {list(tensor.dims)}", path=path)
+    if math.prod(d for d in tensor.dims if d) * 16 >= 2**63:
+        # Empty (a zero dim), so no bytes to mismatch, yet no array of that shape can exist:
+        # numpy refuses to make one (found by fuzzing: [2**63 - 1, 0] as a graph output).
+        raise UnsafeModelError(f"{where} declares shape {list(tensor.dims)}, beyond what any array can hold", path=path)
     if tensor.HasField("segment"):
         raise UnsupportedModelError(f"{where} is a segmented tensor, which is not supported", path=path)
     try:

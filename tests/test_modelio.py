@@ -343,3 +343,17 @@ def test_empty_required_input_is_refused(tmp_path, node, refused):
     with pytest.raises(ModelLoadError, match=refused.replace("(", r"\(").replace(")", r"\)")) as info:
         load_model(path)
     assert info.value.path == str(path)
+
+
+def test_empty_tensor_with_impossible_shape_is_refused(tmp_path):
+    """[2**63 - 1, 0] stores no bytes, yet numpy cannot make an array of that shape (fuzzing)."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("e", TensorProto.INT8, None)],
+        [helper.make_tensor("e", TensorProto.INT8, [2**63 - 1, 0], b"", raw=True)],
+    )
+    path = write_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with pytest.raises(UnsafeModelError, match="beyond what any array can hold"):
+        load_model(path)
