@@ -430,12 +430,13 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
 
     onnxruntime crashes the whole process (SIGSEGV) on some malformed models that pass the
     onnx checker, e.g. an opset-23 LayerNormalization whose scale is a graph input (found by
-    fuzzing), at session creation or at the first run. A crash cannot be caught in-process,
-    so the first session is made in a forked child, which also runs it once on zero-filled
-    inputs (ones for integers, symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
-    if the child dies by a signal, the model is refused in one line. An ordinary onnxruntime
-    error, or a run that is too slow or too big for the probe, is left for the real session to
-    report. Linux/macOS only (fork); elsewhere this does nothing.
+    fuzzing), at session creation or at the first run; onnx's own shape inference aborts on
+    others. A crash cannot be caught in-process, so a forked child first runs onnx's shape
+    inference, then makes the first session and runs it once on zero-filled inputs (ones for
+    integers, symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
+    if the child dies by a signal, the model is refused in one line naming the stage. An
+    ordinary error, or a run that is too slow or too big for the probe, is left for the real
+    work to report. Linux/macOS only (fork); elsewhere this does nothing.
     """
     CrashProbe(model_path).wait()
 

@@ -166,8 +166,9 @@ def _add_summaries(
 ) -> dict[str, tuple[str, str, str | None]]:
     """Make ``summary`` also output, for every tensor in ``names``, its min, its max and (for
     histograms) a strided subsample of about ``sample`` values (in place).
-    ``names`` maps each tensor to its element count if known: then the stride is a constant
-    (2 nodes instead of 6 a tensor, which halves the summaries' run time on small CNNs).
+    ``names`` maps each tensor to its element count if known: then the stride is a constant,
+    coprime with that count (:func:`subsample_stride`), and the subsample is capped at
+    2 * ``sample`` values; otherwise it is computed in the graph from the run-time size.
 
     onnxruntime computes these small summaries in place, so no activation is copied out
     and its memory planner can still reuse buffers: calibration memory is that of one
