@@ -9,13 +9,15 @@ For each zoo model (fp32 ONNX from bench/export_zoo.py, calibration sets calib32
 * ONNX Runtime: ``quant_pre_process`` then ``quantize_static`` (defaults; and QDQ with uint8
   activations, per-channel), each step in a child process (bench/ort_baseline.py's worker),
   at onnxruntime's default thread count, like onnxshrink;
+* the conversions compared (onnxshrink, pre-processing, ort_default) run interleaved,
+  ``--convert-repeats`` times each; their time and peak RSS are the medians;
 * latency of fp32, onnxshrink, ort_default and ort_u8s8_pc in one process: 1 thread, batch 1,
   ORT_ENABLE_ALL, interleaved rounds; reported as the median over rounds of int8/fp32;
 * agreement with fp32 on 32 held-back inputs (eval32): top-1 agreement and SQNR.
 
 Usage:
     python bench/quantize_zoo.py [--zoo /work/zoo] [--models a,b] [--rounds 30] [--rss-check a,b]
-                                 [--json out.json]
+                                 [--convert-repeats 3] [--json out.json]
 Needs only onnx, onnxruntime, numpy and onnxshrink (no torch).
 """
 
@@ -57,6 +59,20 @@ def run_onnxshrink(src: str, dst: str, calib: str, timeout: float) -> dict:
     }
 
 
+def median_run(results: list[dict]) -> dict:
+    """One conversion's result over repeats: the median seconds and peak RSS, every value kept."""
+    ok = [r for r in results if r.get("ok")]
+    if len(ok) < len(results) or not ok:
+        return next(r for r in results if not r.get("ok"))
+    merged = dict(ok[-1])
+    for key in ("seconds", "peak_rss_mb"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            merged[key] = float(np.median(values))
+            merged[key + "_all"] = values
+    return merged
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     fp32 = os.path.join(args.zoo, f"{name}.onnx")
     work = os.path.join(args.work, name)
@@ -67,24 +83,33 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     calib32 = os.path.join(args.zoo, f"calib32{suffix}.npz")
     rec: dict = {"model": name, "variants": {}}
 
-    print(f"[{name}] onnxshrink ...", flush=True)
     ours = os.path.join(work, f"{name}.onnxshrink.onnx")
-    rec["variants"]["onnxshrink"] = {"convert": run_onnxshrink(fp32, ours, calib32, args.timeout)}
+    pre = os.path.join(work, f"{name}.pre.onnx")
+    ort_default = os.path.join(work, f"{name}.ort_default.onnx")
+    # The conversions to compare, interleaved round by round (the machine's load drifts).
+    runs: dict[str, list[dict]] = {"onnxshrink": [], "pre": [], "ort_default": []}
+    for i in range(args.convert_repeats):
+        print(f"[{name}] conversions, round {i + 1}/{args.convert_repeats}: onnxshrink, ort pre-process, ort_default ...", flush=True)
+        runs["onnxshrink"].append(run_onnxshrink(fp32, ours, calib32, args.timeout))
+        runs["pre"].append(ob.run_step({"op": "pre", "src": fp32, "dst": pre, "threads": 0, "zoo": args.zoo}, args.timeout, None))
+        spec = {"op": "quant", "variant": "ort_default", "src": pre, "dst": ort_default, "threads": 0, "zoo": args.zoo}
+        runs["ort_default"].append(ob.run_step(spec, args.timeout, None))
+    rec["variants"]["onnxshrink"] = {"convert": median_run(runs["onnxshrink"])}
+    rec["ort_preprocess"] = median_run(runs["pre"])
+    rec["variants"]["ort_default"] = {"convert": median_run(runs["ort_default"])}
     if name in args.rss_check:
         calib512 = os.path.join(args.zoo, f"calib512{suffix}.npz")
         rec["variants"]["onnxshrink"]["convert_512"] = run_onnxshrink(fp32, os.path.join(work, "c512.onnx"), calib512, args.timeout)
 
-    pre = os.path.join(work, f"{name}.pre.onnx")
-    print(f"[{name}] ort pre-process ...", flush=True)
-    rec["ort_preprocess"] = ob.run_step({"op": "pre", "src": fp32, "dst": pre, "threads": 0, "zoo": args.zoo}, args.timeout, None)
     paths = {"onnxshrink": ours} if rec["variants"]["onnxshrink"]["convert"].get("ok") else {}
-    for variant in ("ort_default", "ort_u8s8_pc"):
-        dst = os.path.join(work, f"{name}.{variant}.onnx")
-        print(f"[{name}] {variant} ...", flush=True)
-        res = ob.run_step({"op": "quant", "variant": variant, "src": pre, "dst": dst, "threads": 0, "zoo": args.zoo}, args.timeout, None)
-        rec["variants"][variant] = {"convert": res}
-        if res.get("ok"):
-            paths[variant] = dst
+    if rec["variants"]["ort_default"]["convert"].get("ok"):
+        paths["ort_default"] = ort_default
+    dst = os.path.join(work, f"{name}.ort_u8s8_pc.onnx")
+    print(f"[{name}] ort_u8s8_pc ...", flush=True)
+    res = ob.run_step({"op": "quant", "variant": "ort_u8s8_pc", "src": pre, "dst": dst, "threads": 0, "zoo": args.zoo}, args.timeout, None)
+    rec["variants"]["ort_u8s8_pc"] = {"convert": res}
+    if res.get("ok"):
+        paths["ort_u8s8_pc"] = dst
 
     sessions = {"fp32": (ob.make_session(fp32), iname)}
     for variant, path in paths.items():
@@ -151,6 +176,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--convert-repeats", type=int, default=1, help="conversions per tool (interleaved); time and RSS are medians")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ The two guards cost about 10 microseconds per run (the mapped size is re-read at
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -235,6 +236,17 @@ class _Watchdog:
 
 _WATCHDOG = _Watchdog()
 
+
+def _reinit_locks_after_fork() -> None:
+    """A forked child (the crash probe) has only the forking thread: a lock that another
+    thread held at the fork would stay held for ever in the child."""
+    _ADDRESS_SPACE._lock = threading.Lock()
+    _WATCHDOG._start_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
+
 _ALLOCATION_FAILURES = ("failed to allocate", "bad_alloc", "bad allocation", "available memory of", "cannot allocate memory")
 
 
@@ -423,6 +435,19 @@ def release_memory() -> None:
 _PROBE_SECONDS = 300.0
 #: How long the probe's one run may take; a slower run is cut short, not a failure.
 _PROBE_RUN_SECONDS = 5.0
+#: A probe child that has used no CPU time for this long is stuck, not working.
+_PROBE_STALL_SECONDS = 10.0
+_PROBE_POLL_SECONDS = 0.5
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of process ``pid`` in clock ticks (None where /proc is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
@@ -436,7 +461,8 @@ def check_onnxruntime_survives(model_path: str | os.PathLike[str]) -> None:
     integers, symbolic dims set to 1) within :data:`_PROBE_RUN_SECONDS` and the memory bound:
     if the child dies by a signal, the model is refused in one line naming the stage. An
     ordinary error, or a run that is too slow or too big for the probe, is left for the real
-    work to report. Linux/macOS only (fork); elsewhere this does nothing.
+    work to report; so is a child that stalls without using the CPU (a lock inherited across
+    fork from another thread). Linux/macOS only (fork); elsewhere this does nothing.
     """
     CrashProbe(model_path).wait()
 
@@ -446,10 +472,16 @@ class CrashProbe:
     onnxruntime can run while the child tries the model: start it, then :meth:`wait` before
     this process makes its first session."""
 
+    #: Children found stalled (and skipped) in this process so far.
+    stalls = 0
+
     def __init__(self, model_path: str | os.PathLike[str], model: onnx.ModelProto | None = None) -> None:
         self.model_path = str(model_path)
         self.child: Any = None
         self._stages = -1
+        #: The model's MAC total as the child counted it (``model`` given): ``(total,)``, the
+        #: total None when some shape stayed unknown; None if the child did not get that far.
+        self.mac_total: tuple[int | None] | None = None
         if hasattr(os, "fork"):
             import multiprocessing
 
@@ -458,10 +490,19 @@ class CrashProbe:
             self.child = multiprocessing.get_context("fork").Process(
                 target=_probe_child, args=(self.model_path, model, write_end), daemon=True
             )
-            self.child.start()
+            # Objects that exist at the fork are out of the child's garbage collection: an
+            # onnxruntime session left in a reference cycle, collected in the child, waits
+            # in its destructor for thread-pool threads that the child does not have
+            # (pthread_cond_destroy), for ever (found by fuzzing, a long-lived process).
+            gc.freeze()
+            try:
+                self.child.start()
+            finally:
+                gc.unfreeze()
             os.close(write_end)
 
     def _stage(self) -> bytes:
+        """The last stage the child entered (and the MAC total, if it reported one)."""
         if self._stages < 0:
             return b""
         data = b""
@@ -470,7 +511,12 @@ class CrashProbe:
                 data += chunk
         os.close(self._stages)
         self._stages = -1
-        return data[-1:]
+        stages, _, report = data.partition(_MACS_REPORT)
+        if b";" in report:
+            stages += report[report.index(b";") + 1 :]
+            total = report[: report.index(b";")]
+            self.mac_total = (int(total) if total.isdigit() else None,)
+        return stages[-1:]
 
     def cancel(self) -> None:
         """Stop the child (the command failed for another reason first)."""
@@ -487,12 +533,31 @@ class CrashProbe:
         child, self.child = self.child, None
         if child is None:
             return
-        child.join(_PROBE_SECONDS)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            self._stage()
-            raise ShrinkError(f"onnx and onnxruntime did not finish with the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+        deadline = time.monotonic() + _PROBE_SECONDS
+        ticks, since = _cpu_ticks(child.pid), time.monotonic()
+        while child.exitcode is None:
+            child.join(_PROBE_POLL_SECONDS)  # returns at once when the child ends
+            now = time.monotonic()
+            if child.exitcode is not None:
+                break
+            if now >= deadline:
+                child.kill()
+                child.join()
+                self._stage()
+                raise ShrinkError(f"onnx and onnxruntime did not finish with the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+            latest = _cpu_ticks(child.pid)
+            if latest is None or latest != ticks:
+                ticks, since = latest, now
+            elif now - since >= _PROBE_STALL_SECONDS:
+                # Asleep without using the CPU: blocked for good on a lock that another
+                # thread of this process held when it forked (the child has no such
+                # thread), not working on the model. Inconclusive, like the OOM killer.
+                child.kill()
+                child.join()
+                stage = self._stage()
+                CrashProbe.stalls += 1
+                log.info("crash probe: the child stalled (stage %r, no CPU for %.0f s); skipped", stage.decode(), _PROBE_STALL_SECONDS)
+                return
         stage = self._stage()
         if child.exitcode == -getattr(signal, "SIGKILL", 9):
             return  # the kernel's out-of-memory killer (or a user): says nothing about a crash
@@ -507,6 +572,8 @@ class CrashProbe:
 
 
 _STAGE_SHAPES, _STAGE_SESSION = b"s", b"o"
+#: Precedes the MAC total (decimal, or "-" if unknown) and its closing ";" on the stage pipe.
+_MACS_REPORT = b"m"
 
 
 def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) -> None:
@@ -534,7 +601,10 @@ def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) ->
         if model is not None:
             from onnxshrink.stats import count_macs
 
-            count_macs(model)
+            total = count_macs(model).total
+            # The parent reads it instead of counting again (symbolic inference can take a
+            # quarter of a second, e.g. ShuffleNet's channel-shuffle shape arithmetic).
+            os.write(stages, _MACS_REPORT + (b"-" if total is None else str(total).encode()) + b";")
         else:
             onnx.shape_inference.infer_shapes(onnx.load(model_path, load_external_data=False), strict_mode=False, data_prop=True)
     except BaseException:  # noqa: BLE001 - an ordinary error is the parent's to report

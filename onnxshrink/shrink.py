@@ -298,7 +298,7 @@ class _Pipeline:
             probe.cancel()
             raise
         probe.wait()
-        macs_before = count_macs(original).total
+        macs_before = probe.mac_total[0] if probe.mac_total is not None else count_macs(original).total
         # The original is kept for the end-to-end fidelity when a step other than int8
         # changes the numbers; otherwise int8 gets the only reference (memory).
         changes = [s.type for s in recipe.steps if s.type in ("prune.channels", "prune.magnitude", "distill")]
@@ -416,7 +416,9 @@ class _Pipeline:
         # Hand the quantizer the only reference when nothing else needs this model.
         box = [self.current]
         self.current = None
-        result = quantize_int8(box.pop(), self.dataset, step.config, progress=self.progress)  # type: ignore[arg-type]
+        # The first step works on the file's model as loaded: onnxruntime may read the file.
+        source = self.model_path if not self.steps else None
+        result = quantize_int8(box.pop(), self.dataset, step.config, progress=self.progress, source=source)  # type: ignore[arg-type]
         self.current, self.private, self.int8 = result.model, True, result
         self.steps.append("quantize.int8")
         self.warnings += result.notes

@@ -62,6 +62,31 @@ def test_prepare_folds_batchnorm_losslessly():
         np.testing.assert_allclose(run_ort(prepared, sample.feeds)[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_prepare_from_the_model_file_matches_prepare_from_the_proto(tmp_path):
+    """With ``source``, onnxruntime reads the model file itself (less memory): same result,
+    and the fold step is still checked (its error is reported)."""
+    from onnxshrink.passes.prepare import prepare_with_reference
+
+    model, _ = load_model(SAMPLES / "resnet_mini.onnx")
+    samples = RandomDataset(model_input_specs(model), count=2, shapes={"input": [2, 1, 28, 28]}).take(2)
+    from_proto, report_proto, ref_proto = prepare_with_reference(model, samples)
+    from_file, report_file, ref_file = prepare_with_reference(model, samples, source=SAMPLES / "resnet_mini.onnx")
+    assert [n.op_type for n in from_file.graph.node] == [n.op_type for n in from_proto.graph.node]
+    fold = report_file.steps[0]
+    assert fold["step"].startswith("fold") and fold["applied"] and fold["max_relative_error"] <= 1e-4
+    for a, b in zip(ref_file, ref_proto):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
+    for sample in samples:
+        np.testing.assert_allclose(run_ort(from_file, sample.feeds)[0], run_ort(from_proto, sample.feeds)[0], rtol=1e-6, atol=1e-6)
+
+    # A source onnxruntime cannot read: the proto is used instead, nothing is lost.
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    again, report_again, _ = prepare_with_reference(model, samples, source=broken)
+    assert [n.op_type for n in again.graph.node] == [n.op_type for n in from_proto.graph.node]
+    assert report_again.steps[0]["applied"]
+
+
 def test_prepare_upgrades_old_opsets():
     model = conv_net(opset=11)
     samples = RandomDataset(model_input_specs(model), count=2, shapes={"input": [1, 3, 16, 16]}).take(2)

@@ -368,3 +368,31 @@ def test_default_target_uses_the_confidence_weighted_drop_and_an_explicit_one_ag
     # far-off outputs (an embedding's near-uniform softmax would excuse any flip): plain disagreement
     fid.sqnr_db = 12.0
     assert _drop_points(fid, default) == pytest.approx(10.0)
+
+
+def test_by_name_index_answers_like_a_scan():
+    """The quantizer's initializer lookups through the index: as a scan, across appends,
+    removals (positions shift) and duplicate names (the first wins)."""
+    from onnxshrink.quantize.engine import ByName, first_by_name
+
+    graph = onnx.GraphProto()
+    graph.initializer.extend(numpy_helper.from_array(np.full(1, i, np.float32), f"t{i}") for i in range(6))
+    index = ByName()
+    items = graph.initializer
+
+    def agree(names: list[str]) -> None:
+        for name in names:
+            a, b = index.find(name, items), first_by_name(name, items)
+            assert (a is None and b is None) or (a is not None and b is not None and a.SerializeToString() == b.SerializeToString())
+
+    names = [f"t{i}" for i in range(9)] + ["dup"]
+    agree(names)
+    items.remove(items[2])  # later positions shift; the length changes
+    agree(names)
+    items.remove(items[0])
+    items.extend([numpy_helper.from_array(np.full(1, 7, np.float32), "t7")])  # same length, new last
+    agree(names)
+    items.extend([numpy_helper.from_array(np.full(1, 8, np.float32), "dup"), numpy_helper.from_array(np.full(1, 9, np.float32), "dup")])
+    agree(names)
+    assert numpy_helper.to_array(index.find("dup", items))[0] == 8
+    assert index.find("t3", [t for t in items]) is not None  # a plain list is scanned

@@ -264,7 +264,7 @@ def collect_stats(
     sizes = (len(graph.node), len(graph.output), len(graph.initializer))
     try:
         summaries = _add_summaries(model, names, histogram=histogram, sample=histogram_sample(len(calibrate) if calibrate is not None else None))
-        session = make_session(model, threads=threads, optimization="basic", memory_pattern=False)
+        session = make_session(model, threads=threads, optimization="basic", memory_pattern=False, memory_arena=False)
     finally:
         del graph.node[sizes[0]:]
         del graph.output[sizes[1]:]

@@ -224,6 +224,42 @@ def first_by_name(name: str, items: Iterable[Any]) -> Any:
     return next((item for item in items if item.name == name), None)
 
 
+class ByName:
+    """:func:`first_by_name` through an index of each protobuf repeated field it is asked about.
+
+    onnxruntime's quantizer looks initializers up by name thousands of times, each lookup a
+    scan of them all (0.33 s of DenseNet-121's 1.3 s QDQ build). The quantizer appends to and
+    removes from the field as it goes, so an index is rebuilt when the field's length or last
+    item's name changes, and a hit is checked against the item at its position (a removal
+    shifts them): the answer is always what a scan would give, unless an item is renamed in
+    place (the quantizer names new tensors before adding them).
+    """
+
+    def __init__(self) -> None:
+        self._indexes: dict[int, tuple[Any, int, str | None, dict[str, int]]] = {}
+
+    def find(self, name: str, items: Any) -> Any:
+        if not hasattr(items, "add"):  # not a repeated message field: scan
+            return first_by_name(name, items)
+        count = len(items)
+        last = items[count - 1].name if count else None
+        entry = self._indexes.get(id(items))
+        if entry is None or entry[0] is not items or entry[1] != count or entry[2] != last:
+            entry = self._index(items, count, last)
+        position = entry[3].get(name)
+        if position is not None and items[position].name != name:
+            position = self._index(items, count, last)[3].get(name)
+        return None if position is None else items[position]
+
+    def _index(self, items: Any, count: int, last: str | None) -> tuple[Any, int, str | None, dict[str, int]]:
+        positions: dict[str, int] = {}
+        for i, item in enumerate(items):
+            positions.setdefault(item.name, i)
+        # The field itself is kept: its id cannot then be reused by another.
+        entry = self._indexes[id(items)] = (items, count, last, positions)
+        return entry
+
+
 def _rename_in_all_nodes(graph: onnx.GraphProto, field: str, old: str, new: str) -> None:
     """Rename ``old`` to ``new`` in every node's ``input`` or ``output`` list; ``in`` on the
     repeated field skips the nodes that do not name it at C speed."""
@@ -267,9 +303,15 @@ def _quantizer_class() -> type:
                     raise ValueError("Can add an empty list.")
                 wrapper.model.graph.initializer.extend(inits)
 
+            self._by_name = ByName()
+
+            def get_initializer(name: str) -> onnx.TensorProto | None:
+                return self._by_name.find(name, wrapper.model.graph.initializer)
+
             wrapper.replace_input_of_all_nodes = replace_input_of_all_nodes
             wrapper.initializer_extend = initializer_extend
             wrapper.replace_output_of_all_nodes = replace_output_of_all_nodes
+            wrapper.get_initializer = get_initializer
 
         def quantize_model(self) -> onnx.ModelProto:
             # onnxruntime calls these module-level functions by name; swapping them for the
@@ -282,7 +324,7 @@ def _quantizer_class() -> type:
                 return fast if fast is not None else original(*args, **kwargs)
 
             swaps = [(qdq_quantizer, "quantize_onnx_initializer", quantize_initializer)]
-            swaps += [(module, "find_by_name", first_by_name) for module in (qdq_quantizer, base_quantizer, onnx_model)]
+            swaps += [(module, "find_by_name", self._by_name.find) for module in (qdq_quantizer, base_quantizer, onnx_model)]
             saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
             for module, name, replacement in swaps:
                 setattr(module, name, replacement)

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,8 +257,19 @@ def _count_quantized(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
 
 
-def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config | None = None, *, progress: bool = False) -> Int8Result:
-    """Quantize ``model`` to static int8 QDQ, calibrated and checked on ``dataset``."""
+def quantize_int8(
+    model: onnx.ModelProto,
+    dataset: Dataset,
+    config: Int8Config | None = None,
+    *,
+    progress: bool = False,
+    source: str | os.PathLike[str] | None = None,
+) -> Int8Result:
+    """Quantize ``model`` to static int8 QDQ, calibrated and checked on ``dataset``.
+
+    ``source``: the file ``model`` was loaded from, if ``model`` is that file's model
+    unchanged: the preparation's sessions then read files, not serialised copies (memory).
+    """
     config = config or Int8Config()
     count = len(dataset)
     if count == 0:
@@ -269,7 +281,7 @@ def quantize_int8(model: onnx.ModelProto, dataset: Dataset, config: Int8Config |
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     with _phase("preparation"):
         # ``reference``: the original's outputs on ``checks``; every rewrite is checked against them.
-        prepared, prep_report, reference = prepare_with_reference(model, checks)
+        prepared, prep_report, reference = prepare_with_reference(model, checks, source=source)
         del model  # the caller may have handed over its only reference
         if config.provider == "cpu":
             prepared, steps = int8_friendly(prepared, checks, reference)

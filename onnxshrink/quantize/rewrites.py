@@ -91,10 +91,11 @@ def fold_static_shape_reads(model: onnx.ModelProto, *, max_rounds: int = 8) -> i
     if not any(n.op_type == "Shape" for n in graph.node):
         return 0
     folded = 0
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds):
         # onnxruntime's symbolic inference evaluates the shape arithmetic between one
-        # reshape and the next, which onnx's own inference leaves unknown.
-        shapes = infer_shapes(weightless_copy(model), symbolic=True, merge_dims=False)
+        # reshape and the next, which onnx's own inference leaves unknown. Once that is
+        # folded, onnx's inference (~30x faster) sees what the folding made static.
+        shapes = infer_shapes(weightless_copy(model), symbolic=round_ == 0, merge_dims=False)
         constants = {t.name: t for t in graph.initializer}
         producers = {out: node for node in graph.node for out in node.output}
         values: dict[str, np.ndarray] = {}
