@@ -65,7 +65,7 @@ def median_run(results: list[dict]) -> dict:
     if len(ok) < len(results) or not ok:
         return next(r for r in results if not r.get("ok"))
     merged = dict(ok[-1])
-    for key in ("seconds", "peak_rss_mb"):
+    for key in ("seconds", "peak_rss_mb", "process_wall_s"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             merged[key] = float(np.median(values))

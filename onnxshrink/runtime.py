@@ -483,22 +483,9 @@ class CrashProbe:
         #: total None when some shape stayed unknown; None if the child did not get that far.
         self.mac_total: tuple[int | None] | None = None
         if hasattr(os, "fork"):
-            import multiprocessing
-
             # The child reports each stage it enters on this pipe, so that a crash is named.
             self._stages, write_end = os.pipe()
-            self.child = multiprocessing.get_context("fork").Process(
-                target=_probe_child, args=(self.model_path, model, write_end), daemon=True
-            )
-            # Objects that exist at the fork are out of the child's garbage collection: an
-            # onnxruntime session left in a reference cycle, collected in the child, waits
-            # in its destructor for thread-pool threads that the child does not have
-            # (pthread_cond_destroy), for ever (found by fuzzing, a long-lived process).
-            gc.freeze()
-            try:
-                self.child.start()
-            finally:
-                gc.unfreeze()
+            self.child = _start_forked(_probe_child, (self.model_path, model, write_end))
             os.close(write_end)
 
     def _stage(self) -> bytes:
@@ -576,11 +563,29 @@ _STAGE_SHAPES, _STAGE_SESSION = b"s", b"o"
 _MACS_REPORT = b"m"
 
 
-def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) -> None:
+def _start_forked(target: Any, args: tuple[Any, ...]) -> Any:
+    """A started, forked ``multiprocessing`` child running ``target(*args)``."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    # Objects that exist at the fork are out of the child's garbage collection: an
+    # onnxruntime session left in a reference cycle, collected in the child, waits in its
+    # destructor for thread-pool threads that the child does not have (pthread_cond_destroy),
+    # for ever (found by fuzzing, a long-lived process).
+    gc.freeze()
+    try:
+        child.start()
+    finally:
+        gc.unfreeze()
+    return child
+
+
+def _quiet_child() -> None:
+    """In a forked child: die plainly by a signal, and print nothing."""
     import signal
 
-    # Die plainly by the signal: handlers inherited from the parent (faulthandler, a fuzzer's
-    # crash handler) must not act for the child.
+    # Handlers inherited from the parent (faulthandler, a fuzzer's crash handler) must not
+    # act for the child.
     for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
@@ -593,6 +598,85 @@ def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) ->
     # A failed C++ assertion prints before it aborts: the command's output stays one line.
     with contextlib.suppress(OSError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+
+class ForkedJob:
+    """``fn(*args)`` in a forked child, its JSON result read back later: work that this
+    process needs later runs beside it, and whatever it imports or allocates (sympy, for
+    onnxruntime's symbolic shape inference: 33 MiB) stays out of this process.
+
+    :meth:`result` gives None if the child failed, crashed, stalled or ran out of time; the
+    caller then does the work itself. Linux/macOS only (fork); elsewhere always None.
+    """
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._path: str | None = None
+        self.child: Any = None
+        if hasattr(os, "fork"):
+            import tempfile
+
+            fd, self._path = tempfile.mkstemp(prefix="onnxshrink-job-", suffix=".json")
+            os.close(fd)
+            self.child = _start_forked(_job_child, (fn, args, self._path))
+
+    def result(self, seconds: float = 120.0) -> Any:
+        child, self.child = self.child, None
+        path, self._path = self._path, None
+        try:
+            if child is None or path is None:
+                return None
+            deadline = time.monotonic() + seconds
+            ticks, since = _cpu_ticks(child.pid), time.monotonic()
+            while child.exitcode is None and time.monotonic() < deadline:
+                child.join(_PROBE_POLL_SECONDS)
+                latest = _cpu_ticks(child.pid)
+                if latest is None or latest != ticks:
+                    ticks, since = latest, time.monotonic()
+                elif time.monotonic() - since >= _PROBE_STALL_SECONDS:
+                    break
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+                return None
+            if child.exitcode != 0:
+                return None
+            import json
+
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+        finally:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def cancel(self) -> None:
+        child, self.child = self.child, None
+        if child is not None and child.exitcode is None:
+            child.kill()
+            child.join()
+        path, self._path = self._path, None
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _job_child(fn: Any, args: tuple[Any, ...], path: str) -> None:
+    _quiet_child()
+    try:
+        import json
+
+        value = fn(*args)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+    except BaseException:  # noqa: BLE001 - the parent does the work itself
+        os._exit(1)
+    os._exit(0)
+
+
+def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) -> None:
+    _quiet_child()
     # onnx's C++ shape inference aborts on some malformed nodes that pass the checker (a
     # Split whose outputs outnumber its num_outputs, found by fuzzing): the MAC count the
     # parent makes next runs it, so it is tried here first, the same way.

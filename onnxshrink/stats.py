@@ -262,6 +262,15 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False, merge_dims: 
     return shapes
 
 
+def shapes_for_folding(model: onnx.ModelProto) -> dict[str, Shape] | None:
+    """The symbolic shapes :func:`onnxshrink.quantize.rewrites.fold_static_shape_reads`
+    starts from (dynamic dims kept symbolic, none merged); None if the model reads no shapes.
+    JSON-able: it can run in a forked child (:class:`onnxshrink.runtime.ForkedJob`)."""
+    if not any(n.op_type in ("Shape", "Size") for n in model.graph.node):
+        return None
+    return infer_shapes(weightless_copy(model), symbolic=True, merge_dims=False)
+
+
 def _symbolic_infer(model: onnx.ModelProto, *, auto_merge: bool = True) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference, keeping what it could infer.
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
@@ -304,6 +307,34 @@ def test_static_shape_reads_fold_and_the_batch_stays_dynamic():
         x = {"input": np.random.default_rng(batch).standard_normal((batch, 4, 6, 6)).astype(np.float32)}
         expected, got = (make_session(m, threads=1).run(None, x)[0] for m in (model, folded))
         np.testing.assert_array_equal(got, expected)
+
+
+def test_shape_folding_from_shapes_worked_out_in_a_child_is_the_same():
+    """The symbolic shapes of the model, worked out in a forked child (so that sympy stays
+    out of the converting process), fold exactly what in-process inference folds."""
+    from onnxshrink.quantize.rewrites import fold_static_shape_reads
+    from onnxshrink.runtime import ForkedJob
+    from onnxshrink.stats import shapes_for_folding
+
+    model = _shuffle_net()
+    shapes = ForkedJob(shapes_for_folding, model).result()
+    assert shapes is not None and shapes["input"] == ["n", 4, 6, 6]
+    here, there = onnx.ModelProto(), onnx.ModelProto()
+    here.CopyFrom(model)
+    there.CopyFrom(model)
+    assert fold_static_shape_reads(here) == fold_static_shape_reads(there, shapes=shapes) == 2
+    assert here.SerializeToString() == there.SerializeToString()
+
+
+def test_forked_job_gives_none_when_the_child_fails():
+    from onnxshrink.runtime import ForkedJob
+
+    assert ForkedJob(sum, [1, 2, 3]).result() == 6
+    assert ForkedJob(int, "not a number").result() is None  # raised in the child
+    assert ForkedJob(os.abort).result() is None  # died by a signal
+    job = ForkedJob(time.sleep, 30)
+    job.cancel()
+    assert job.result() is None
 
 
 def test_shape_of_a_dequantized_tensor_reads_the_quantized_one():

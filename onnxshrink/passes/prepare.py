@@ -104,10 +104,10 @@ def outputs_on(model: onnx.ModelProto | str, samples: list[Sample]) -> list[list
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's provider-independent (basic) graph optimisations, as a new model."""
-    return _basic_optimize(model, None)[0]
+    return basic_optimize_with_outputs(model, None)[0]
 
 
-def _basic_optimize(
+def basic_optimize_with_outputs(
     model: onnx.ModelProto, samples: list[Sample] | None, source: str | os.PathLike[str] | None = None
 ) -> tuple[onnx.ModelProto, list[list[np.ndarray]] | None, list[list[np.ndarray]] | None]:
     """:func:`ort_basic_optimize`; with ``samples``, also the outputs on them of ``model``
@@ -238,7 +238,7 @@ def prepare_with_reference(
         # The optimising session runs the samples too: the reference without a second
         # session on the original (the optimised copy is still checked against it).
         try:
-            folded, reference, computed[fold] = _basic_optimize(model, samples, source)
+            folded, reference, computed[fold] = basic_optimize_with_outputs(model, samples, source)
             candidates.append((fold, lambda m: folded))
         except Exception:  # noqa: BLE001 - retried as a step below (skipped if it fails again)
             reference = None

@@ -244,17 +244,25 @@ class ByName:
         count = len(items)
         last = items[count - 1].name if count else None
         entry = self._indexes.get(id(items))
-        if entry is None or entry[0] is not items or entry[1] != count or entry[2] != last:
+        if entry is None or entry[0] is not items:
             entry = self._index(items, count, last)
+        elif entry[1] != count or entry[2] != last:
+            known, known_last = entry[1], entry[2]
+            if count > known and (known == 0 or items[known - 1].name == known_last):
+                entry = self._index(items, count, last, entry[3], start=known)  # appended to
+            else:
+                entry = self._index(items, count, last)
         position = entry[3].get(name)
         if position is not None and items[position].name != name:
             position = self._index(items, count, last)[3].get(name)
         return None if position is None else items[position]
 
-    def _index(self, items: Any, count: int, last: str | None) -> tuple[Any, int, str | None, dict[str, int]]:
-        positions: dict[str, int] = {}
-        for i, item in enumerate(items):
-            positions.setdefault(item.name, i)
+    def _index(
+        self, items: Any, count: int, last: str | None, positions: dict[str, int] | None = None, start: int = 0
+    ) -> tuple[Any, int, str | None, dict[str, int]]:
+        positions = {} if positions is None else positions
+        for i in range(start, count):
+            positions.setdefault(items[i].name, i)
         # The field itself is kept: its id cannot then be reused by another.
         entry = self._indexes[id(items)] = (items, count, last, positions)
         return entry

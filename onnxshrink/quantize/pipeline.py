@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,11 +264,14 @@ def quantize_int8(
     *,
     progress: bool = False,
     source: str | os.PathLike[str] | None = None,
+    source_shapes: Callable[[], dict[str, list[int | str | None]] | None] | None = None,
 ) -> Int8Result:
     """Quantize ``model`` to static int8 QDQ, calibrated and checked on ``dataset``.
 
     ``source``: the file ``model`` was loaded from, if ``model`` is that file's model
     unchanged: the preparation's sessions then read files, not serialised copies (memory).
+    ``source_shapes``: gives ``model``'s symbolic shapes (:func:`onnxshrink.stats.shapes_for_folding`),
+    if they were worked out elsewhere (a forked child: time, and memory).
     """
     config = config or Int8Config()
     count = len(dataset)
@@ -284,7 +287,7 @@ def quantize_int8(
         prepared, prep_report, reference = prepare_with_reference(model, checks, source=source)
         del model  # the caller may have handed over its only reference
         if config.provider == "cpu":
-            prepared, steps = int8_friendly(prepared, checks, reference)
+            prepared, steps = int8_friendly(prepared, checks, reference, shapes=source_shapes)
             prep_report.steps += steps
         ensure_node_names(prepared)
         release_memory()
