@@ -427,3 +427,57 @@ def test_by_name_index_answers_like_a_scan():
     agree(names)
     assert numpy_helper.to_array(index.find("dup", items))[0] == 8
     assert index.find("t3", [t for t in items]) is not None  # a plain list is scanned
+
+
+def test_readers_index_renames_like_a_scan():
+    """The quantizer's input renames through the index give the graph that renaming by a scan
+    of every node gives, across appended nodes, a removal, single-node renames and a re-sort."""
+    from onnx import helper
+
+    from onnxshrink.quantize.engine import Readers, _rename_in_all_nodes
+
+    def graph() -> onnx.GraphProto:
+        g = onnx.GraphProto()
+        g.node.extend([
+            helper.make_node("Relu", ["x"], ["a"], name="n0"),
+            helper.make_node("Add", ["a", "x"], ["b"], name="n1"),
+            helper.make_node("Mul", ["b", "b"], ["c"], name="n2"),
+        ])  # fmt: skip
+        return g
+
+    ours, scanned = graph(), graph()
+    readers = Readers(lambda: ours)
+
+    def in_node(g: onnx.GraphProto, name: str, old: str, new: str) -> None:
+        node = next(n for n in g.node if n.name == name)
+        for i, value in enumerate(node.input):
+            if value == old:
+                node.input[i] = new
+
+    def check() -> None:
+        assert ours.SerializeToString() == scanned.SerializeToString()
+
+    def rename(old: str, new: str) -> None:
+        readers.rename(old, new)
+        _rename_in_all_nodes(scanned, "input", old, new)
+        check()
+
+    rename("x", "x_dq")
+    for g in (ours, scanned):
+        g.node.extend([helper.make_node("Sigmoid", ["b"], ["d"], name="n3")])
+    rename("b", "b_dq")  # the appended node reads it too
+    for g in (ours, scanned):
+        g.node.remove(g.node[0])
+    rename("a", "a_dq")
+    readers.rename_in(next(n for n in ours.node if n.name == "n2"), "b_dq", "b2")
+    in_node(scanned, "n2", "b_dq", "b2")
+    rename("b2", "b3")  # found through the single-node rename
+    for g in (ours, scanned):
+        kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
+        g.ClearField("node")
+        g.node.extend(reversed(kept))  # re-sorted: new node objects
+    rename("b_dq", "b4")
+    readers.rename("b4", "b5", only={"n3"})
+    in_node(scanned, "n3", "b4", "b5")
+    check()
+    assert sum(list(n.input) == ["b5"] for n in ours.node) == 1  # n3 only

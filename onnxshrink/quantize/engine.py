@@ -13,7 +13,7 @@ import fnmatch
 import logging
 import platform
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,63 @@ def _rename_in_all_nodes(graph: onnx.GraphProto, field: str, old: str, new: str)
                     names[j] = new
 
 
+class Readers:
+    """Which nodes read each tensor name, kept up to date through the quantizer's renames.
+
+    onnxruntime's quantizer renames each tensor it quantizes in the inputs of every node
+    (``replace_input_of_all_nodes``): a scan of all nodes per tensor, quadratic (0.3-0.5 s
+    of DenseNet-121's and ConvNeXt-T's QDQ build). This index finds the readers at once. It
+    follows the graph: nodes appended since the last call are indexed, any other change to
+    the node list (a removal, a re-sort, another graph) rebuilds it; renames done through
+    :meth:`rename` and :meth:`rename_in` keep it right; a listed node is always checked
+    before it is changed. What it relies on: in QDQ mode the quantizer changes node inputs
+    only through these methods (checked: identical output to onnxruntime's own, tested).
+    """
+
+    def __init__(self, graph_of: Any) -> None:
+        self._graph_of = graph_of
+        self._graph: Any = None
+        self._readers: dict[str, list[Any]] = {}
+        self._count = 0
+        self._last: Any = None
+
+    def _sync(self) -> None:
+        graph = self._graph_of()
+        nodes = graph.node
+        count = len(nodes)
+        if graph is self._graph and count == self._count and (count == 0 or nodes[count - 1] is self._last):
+            return
+        start = self._count
+        if graph is not self._graph or count < start or (start and nodes[start - 1] is not self._last):
+            self._readers, start = {}, 0
+        for i in range(start, count):
+            node = nodes[i]
+            for name in node.input:
+                if name:
+                    self._readers.setdefault(name, []).append(node)
+        self._graph, self._count, self._last = graph, count, (nodes[count - 1] if count else None)
+
+    def rename(self, old: str, new: str, only: Collection[str] | None = None) -> None:
+        """``old`` -> ``new`` in the inputs of every node reading it (of the nodes named in
+        ``only``, if given)."""
+        self._sync()
+        seen: set[int] = set()
+        for node in self._readers.get(old, []):
+            if id(node) in seen or (only is not None and node.name not in only):
+                continue
+            seen.add(id(node))
+            self.rename_in(node, old, new)
+
+    def rename_in(self, node: Any, old: str, new: str) -> None:
+        """``old`` -> ``new`` in the inputs of ``node``."""
+        names = node.input
+        if old in names:
+            for j, name in enumerate(names):
+                if name == old:
+                    names[j] = new
+            self._readers.setdefault(new, []).append(node)
+
+
 def _quantizer_class() -> type:
     """onnxruntime's QDQQuantizer, with per-channel weights scaled and quantized vectorised.
 
@@ -298,8 +355,16 @@ def _quantizer_class() -> type:
 
             # onnxruntime's versions test every input (output) of every node in Python, once
             # for each tensor they rewire (quadratic: 0.2 s on RegNet-Y-400MF).
+            readers = Readers(lambda: wrapper.model.graph)
+
             def replace_input_of_all_nodes(old: str, new: str) -> None:
-                _rename_in_all_nodes(wrapper.model.graph, "input", old, new)
+                readers.rename(old, new)
+
+            def replace_input_of_nodes(old: str, new: str, names: Collection[str]) -> None:
+                readers.rename(old, new, only=names)
+
+            def replace_node_input(node: onnx.NodeProto, old: str, new: str) -> None:
+                readers.rename_in(node, old, new)
 
             def replace_output_of_all_nodes(old: str, new: str) -> None:
                 _rename_in_all_nodes(wrapper.model.graph, "output", old, new)
@@ -317,6 +382,8 @@ def _quantizer_class() -> type:
                 return self._by_name.find(name, wrapper.model.graph.initializer)
 
             wrapper.replace_input_of_all_nodes = replace_input_of_all_nodes
+            wrapper.replace_input_of_nodes = replace_input_of_nodes
+            wrapper.replace_node_input = replace_node_input
             wrapper.initializer_extend = initializer_extend
             wrapper.replace_output_of_all_nodes = replace_output_of_all_nodes
             wrapper.get_initializer = get_initializer
