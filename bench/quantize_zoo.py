@@ -176,7 +176,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--convert-repeats", type=int, default=1, help="conversions per tool (interleaved); time and RSS are medians")
+    parser.add_argument("--convert-repeats", type=lambda v: max(1, int(v)), default=1, help="conversions per tool (interleaved); time and RSS are medians")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -83,6 +83,10 @@ class ModelInfo:
     path: Path
     file_bytes: int
     external_files: dict[str, int] = field(default_factory=dict)  # location -> size on disk
+    #: Whether loading changed the graph (declared -1 dims cleared, Constant nodes lifted,
+    #: weights listed as inputs dropped): then the file is not the model as loaded, e.g. for
+    #: onnxruntime, weights listed as inputs are overridable, so it folds nothing into them.
+    changed_on_load: bool = False
 
     @property
     def external_bytes(self) -> int:
@@ -176,6 +180,7 @@ def load_model(
     _check_versions(model, path)
     if _check_declared_shapes(model, path):
         blob = b""  # the loaded copy changed: the checker must see it, not the file
+        info.changed_on_load = True
     check_required_inputs(model, list(iter_graphs(model.graph, path=path)), path)
     base_dir = path.resolve().parent
     for tensor, where in iter_tensors(model, path=path):
@@ -187,9 +192,10 @@ def load_model(
     del blob
     if load_weights:
         load_external_data(model, base_dir, path=path)
-    if lift_constants:
-        lift_constant_nodes(model.graph)
-    drop_initializer_inputs(model.graph)
+    if lift_constants and lift_constant_nodes(model.graph):
+        info.changed_on_load = True
+    if drop_initializer_inputs(model.graph):
+        info.changed_on_load = True
     return model, info
 
 

@@ -241,6 +241,7 @@ def _reinit_locks_after_fork() -> None:
     """A forked child (the crash probe) has only the forking thread: a lock that another
     thread held at the fork would stay held for ever in the child."""
     _ADDRESS_SPACE._lock = threading.Lock()
+    _ADDRESS_SPACE._depth, _ADDRESS_SPACE._saved = 0, None  # the child sets its own limits
     _WATCHDOG._start_lock = threading.Lock()
 
 
@@ -435,8 +436,9 @@ def release_memory() -> None:
 _PROBE_SECONDS = 300.0
 #: How long the probe's one run may take; a slower run is cut short, not a failure.
 _PROBE_RUN_SECONDS = 5.0
-#: A probe child that has used no CPU time for this long is stuck, not working.
-_PROBE_STALL_SECONDS = 10.0
+#: A forked child (crash probe, job) that has used no CPU time for this long is stuck, not
+#: working. Where there is no /proc (macOS), stalls are not detected: only the time limits.
+_STALL_SECONDS = 10.0
 _PROBE_POLL_SECONDS = 0.5
 
 
@@ -485,8 +487,14 @@ class CrashProbe:
         if hasattr(os, "fork"):
             # The child reports each stage it enters on this pipe, so that a crash is named.
             self._stages, write_end = os.pipe()
-            self.child = _start_forked(_probe_child, (self.model_path, model, write_end))
-            os.close(write_end)
+            try:
+                self.child = _start_forked(_probe_child, (self.model_path, model, write_end))
+            except OSError as exc:  # no fork (memory, process limit): no probe, said plainly
+                os.close(self._stages)
+                self._stages = -1
+                raise ShrinkError(f"cannot start the crash probe's child process ({exc.strerror or exc})", path=self.model_path) from None
+            finally:
+                os.close(write_end)
 
     def _stage(self) -> bytes:
         """The last stage the child entered (and the MAC total, if it reported one)."""
@@ -535,7 +543,7 @@ class CrashProbe:
             latest = _cpu_ticks(child.pid)
             if latest is None or latest != ticks:
                 ticks, since = latest, now
-            elif now - since >= _PROBE_STALL_SECONDS:
+            elif now - since >= _STALL_SECONDS:
                 # Asleep without using the CPU: blocked for good on a lock that another
                 # thread of this process held when it forked (the child has no such
                 # thread), not working on the model. Inconclusive, like the OOM killer.
@@ -543,7 +551,7 @@ class CrashProbe:
                 child.join()
                 stage = self._stage()
                 CrashProbe.stalls += 1
-                log.info("crash probe: the child stalled (stage %r, no CPU for %.0f s); skipped", stage.decode(), _PROBE_STALL_SECONDS)
+                log.info("crash probe: the child stalled (stage %r, no CPU for %.0f s); skipped", stage.decode(), _STALL_SECONDS)
                 return
         stage = self._stage()
         if child.exitcode == -getattr(signal, "SIGKILL", 9):
@@ -567,17 +575,26 @@ def _start_forked(target: Any, args: tuple[Any, ...]) -> Any:
     """A started, forked ``multiprocessing`` child running ``target(*args)``."""
     import multiprocessing
 
-    child = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
-    # Objects that exist at the fork are out of the child's garbage collection: an
+    child = multiprocessing.get_context("fork").Process(target=_run_child, args=(target, args), daemon=True)
+    # Objects that exist at the fork must stay out of the child's garbage collection: an
     # onnxruntime session left in a reference cycle, collected in the child, waits in its
     # destructor for thread-pool threads that the child does not have (pthread_cond_destroy),
-    # for ever (found by fuzzing, a long-lived process).
-    gc.freeze()
+    # for ever (found by fuzzing, a long-lived process). The collector is off across the
+    # fork, and the child freezes everything it inherited before turning it back on.
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         child.start()
     finally:
-        gc.unfreeze()
+        if enabled:
+            gc.enable()
     return child
+
+
+def _run_child(target: Any, args: tuple[Any, ...]) -> None:
+    gc.freeze()  # what the parent had: never collected here
+    gc.enable()
+    target(*args)
 
 
 def _quiet_child() -> None:
@@ -615,9 +632,12 @@ class ForkedJob:
         if hasattr(os, "fork"):
             import tempfile
 
-            fd, self._path = tempfile.mkstemp(prefix="onnxshrink-job-", suffix=".json")
-            os.close(fd)
-            self.child = _start_forked(_job_child, (fn, args, self._path))
+            try:
+                fd, self._path = tempfile.mkstemp(prefix="onnxshrink-job-", suffix=".json")
+                os.close(fd)
+                self.child = _start_forked(_job_child, (fn, args, self._path))
+            except OSError:  # no temporary file, or no fork (memory, process limit): do without
+                self.cancel()
 
     def result(self, seconds: float = 120.0) -> Any:
         child, self.child = self.child, None
@@ -632,7 +652,7 @@ class ForkedJob:
                 latest = _cpu_ticks(child.pid)
                 if latest is None or latest != ticks:
                     ticks, since = latest, time.monotonic()
-                elif time.monotonic() - since >= _PROBE_STALL_SECONDS:
+                elif time.monotonic() - since >= _STALL_SECONDS:
                     break
             if child.exitcode is None:
                 child.kill()

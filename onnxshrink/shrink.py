@@ -277,21 +277,27 @@ class _Pipeline:
         self.distilled: list[dict[str, Any]] = []
         self.gates: list[str] = []
         self.shapes_job: ForkedJob | None = None
+        self.source_stamp: tuple[int, int, int] | None = None
 
     def run(self) -> ShrinkOutcome:
         start = time.perf_counter()
         recipe = self.recipe
         check_output_path(self.output_path, input_path=self.model_path)
+        stamp = _file_stamp(self.model_path)
         original, info = load_model(self.model_path)  # refuses FIFOs, devices, ... first
+        # The int8 step may hand onnxruntime the file itself (less memory) if it is still the
+        # model as loaded: unchanged by loading, and not changed on disk since.
+        if not info.changed_on_load and stamp is not None and _file_stamp(self.model_path) == stamp:
+            self.source_stamp = stamp
         # Runs the MAC count's shape inference and a first session in a child, while the work
         # below, which needs neither, goes on.
         probe = CrashProbe(self.model_path, original)
-        # int8 first: the symbolic shapes its Shape folding starts from, worked out in another
-        # child meanwhile (they need sympy: 0.4 s and 33 MiB that stay out of this process).
-        first = recipe.steps[0].type if recipe.steps else None
-        reads_shapes = any(n.op_type in ("Shape", "Size") for n in original.graph.node)
-        self.shapes_job = ForkedJob(shapes_for_folding, original) if first == "quantize.int8" and reads_shapes else None
         try:
+            # int8 first: the symbolic shapes its Shape folding starts from, worked out in
+            # another child meanwhile (sympy: 0.4 s and 33 MiB that stay out of this process).
+            int8_first = bool(recipe.steps) and recipe.steps[0].type == "quantize.int8"
+            if int8_first and any(n.op_type in ("Shape", "Size") for n in original.graph.node):
+                self.shapes_job = ForkedJob(shapes_for_folding, original)
             self.input_sha256 = file_sha256(self.model_path)
             source = recipe.data.calibration
             if source is None and recipe.int8 is not None:
@@ -431,15 +437,16 @@ class _Pipeline:
         # Hand the quantizer the only reference when nothing else needs this model.
         box = [self.current]
         self.current = None
-        # The first step works on the file's model as loaded: onnxruntime may read the file,
-        # and the shapes worked out for the file's model apply.
-        first = not self.steps
+        # As the first step it works on the file's model as loaded: the shapes worked out
+        # for it apply, and onnxruntime may read the file itself if it is that model.
+        on_original = not self.steps
         job, self.shapes_job = self.shapes_job, None
-        shapes = (lambda: job.result()) if first and job is not None else None
+        shapes = (lambda: job.result()) if on_original and job is not None else None
+        same_file = on_original and self.source_stamp is not None and _file_stamp(self.model_path) == self.source_stamp
         try:
             result = quantize_int8(
                 box.pop(), self.dataset, step.config, progress=self.progress,  # type: ignore[arg-type]
-                source=self.model_path if first else None, source_shapes=shapes,
+                source=self.model_path if same_file else None, source_shapes=shapes,
             )  # fmt: skip
         finally:
             if job is not None:
@@ -468,6 +475,15 @@ class _Pipeline:
         self.current, self.private = result.model, True
         self.distilled.append(result.to_json())
         self.steps.append("distill")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of ``path``: whether it is still the file that was loaded."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def peak_rss_mb() -> float:

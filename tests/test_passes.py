@@ -62,15 +62,27 @@ def test_prepare_folds_batchnorm_losslessly():
         np.testing.assert_allclose(run_ort(prepared, sample.feeds)[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_prepare_from_the_model_file_matches_prepare_from_the_proto(tmp_path):
+def test_prepare_from_the_model_file_matches_prepare_from_the_proto(tmp_path, monkeypatch):
     """With ``source``, onnxruntime reads the model file itself (less memory): same result,
     and the fold step is still checked (its error is reported)."""
     from onnxshrink.passes.prepare import prepare_with_reference
 
     model, _ = load_model(SAMPLES / "resnet_mini.onnx")
     samples = RandomDataset(model_input_specs(model), count=2, shapes={"input": [2, 1, 28, 28]}).take(2)
+    from onnxshrink.passes import prepare as prepare_module
+
+    given: list[object] = []
+    real = prepare_module.make_session
+
+    def recording(source, **kwargs):  # noqa: ANN001, ANN202
+        given.append(source)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "make_session", recording)
     from_proto, report_proto, ref_proto = prepare_with_reference(model, samples)
+    assert not any(isinstance(g, str) and g.endswith("resnet_mini.onnx") for g in given)
     from_file, report_file, ref_file = prepare_with_reference(model, samples, source=SAMPLES / "resnet_mini.onnx")
+    assert str(SAMPLES / "resnet_mini.onnx") in given  # onnxruntime read the file itself
     assert [n.op_type for n in from_file.graph.node] == [n.op_type for n in from_proto.graph.node]
     fold = report_file.steps[0]
     assert fold["step"].startswith("fold") and fold["applied"] and fold["max_relative_error"] <= 1e-4
@@ -85,6 +97,20 @@ def test_prepare_from_the_model_file_matches_prepare_from_the_proto(tmp_path):
     again, report_again, _ = prepare_with_reference(model, samples, source=broken)
     assert [n.op_type for n in again.graph.node] == [n.op_type for n in from_proto.graph.node]
     assert report_again.steps[0]["applied"]
+
+
+def test_loading_says_when_the_loaded_model_differs_from_the_file(tmp_path):
+    """Weights listed as graph inputs (overridable in onnxruntime, so never folded) are
+    dropped from the inputs at load: the file is then not the model as loaded."""
+    model = conv_net()
+    plain = tmp_path / "plain.onnx"
+    onnx.save(model, plain)
+    assert load_model(plain)[1].changed_on_load is False
+    weight = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    as_inputs = tmp_path / "weights_as_inputs.onnx"
+    onnx.save(model, as_inputs)
+    assert load_model(as_inputs)[1].changed_on_load is True
 
 
 def test_prepare_upgrades_old_opsets():

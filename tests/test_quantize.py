@@ -326,6 +326,46 @@ def test_shape_folding_from_shapes_worked_out_in_a_child_is_the_same():
     assert here.SerializeToString() == there.SerializeToString()
 
 
+def test_shape_folding_with_given_shapes_runs_no_symbolic_inference(monkeypatch):
+    from onnxshrink.quantize import rewrites
+    from onnxshrink.stats import shapes_for_folding
+
+    model = _shuffle_net()
+    shapes = shapes_for_folding(model)
+    calls: list[bool] = []
+    real = rewrites.infer_shapes
+
+    def recording(m, symbolic=False, merge_dims=True):  # noqa: ANN001, ANN202
+        calls.append(symbolic)
+        return real(m, symbolic=symbolic, merge_dims=merge_dims)
+
+    monkeypatch.setattr(rewrites, "infer_shapes", recording)
+    assert rewrites.fold_static_shape_reads(model, shapes=shapes) == 2
+    assert calls and not any(calls)  # onnx's inference only: the first round's shapes were given
+
+
+def test_shrink_leaves_no_child_process_or_job_file(tmp_path, monkeypatch):
+    """The forked children of a conversion (crash probe, shape-inference job) are gone, and
+    their files too, when shrink returns, and when it fails."""
+    import multiprocessing
+    import tempfile
+
+    from onnxshrink.errors import ShrinkError
+    from onnxshrink.shrink import ShrinkOptions, shrink
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = tmp_path / "shuffle.onnx"
+    onnx.save(_shuffle_net(), path)
+    shrink(path, tmp_path / "out.onnx", ShrinkOptions(calibration="random", measure_latency=False))
+    assert (tmp_path / "out.onnx").exists()
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, input=np.zeros((2, 3, 6, 6), np.float32))  # wrong channel count: refused
+    with pytest.raises(ShrinkError):
+        shrink(path, tmp_path / "out2.onnx", ShrinkOptions(calibration=str(bad), measure_latency=False))
+    assert not multiprocessing.active_children()
+    assert not list(tmp_path.glob("onnxshrink-job-*"))
+
+
 def test_forked_job_gives_none_when_the_child_fails():
     from onnxshrink.runtime import ForkedJob
 
@@ -426,7 +466,12 @@ def test_by_name_index_answers_like_a_scan():
     items.extend([numpy_helper.from_array(np.full(1, 8, np.float32), "dup"), numpy_helper.from_array(np.full(1, 9, np.float32), "dup")])
     agree(names)
     assert numpy_helper.to_array(index.find("dup", items))[0] == 8
-    assert index.find("t3", [t for t in items]) is not None  # a plain list is scanned
+    # One removed, one appended under the last one's name: same length, same last name.
+    items.remove(items[1])
+    items.extend([numpy_helper.from_array(np.full(1, 10, np.float32), "dup")])
+    agree(names)
+    assert numpy_helper.to_array(index.find("dup", items))[0] == 8
+    assert index.find(items[0].name, [t for t in items]) is not None  # a plain list is scanned
 
 
 def test_readers_index_renames_like_a_scan():

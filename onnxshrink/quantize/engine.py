@@ -229,26 +229,27 @@ class ByName:
 
     onnxruntime's quantizer looks initializers up by name thousands of times, each lookup a
     scan of them all (0.33 s of DenseNet-121's 1.3 s QDQ build). The quantizer appends to and
-    removes from the field as it goes, so an index is rebuilt when the field's length or last
-    item's name changes, and a hit is checked against the item at its position (a removal
-    shifts them): the answer is always what a scan would give, unless an item is renamed in
-    place (the quantizer names new tensors before adding them).
+    removes from the field as it goes: the index takes in items appended since the last call,
+    and is rebuilt on any other change to the field (its length, or which item is last, by
+    identity); a hit is checked against the item at its position (a removal shifts them). So
+    the answer is a scan's, unless an item is renamed or overwritten in place (the quantizer
+    names new tensors before adding them).
     """
 
     def __init__(self) -> None:
-        self._indexes: dict[int, tuple[Any, int, str | None, dict[str, int]]] = {}
+        self._indexes: dict[int, tuple[Any, int, Any, dict[str, int]]] = {}
 
     def find(self, name: str, items: Any) -> Any:
         if not hasattr(items, "add"):  # not a repeated message field: scan
             return first_by_name(name, items)
         count = len(items)
-        last = items[count - 1].name if count else None
+        last = items[count - 1] if count else None
         entry = self._indexes.get(id(items))
         if entry is None or entry[0] is not items:
             entry = self._index(items, count, last)
-        elif entry[1] != count or entry[2] != last:
+        elif entry[1] != count or entry[2] is not last:
             known, known_last = entry[1], entry[2]
-            if count > known and (known == 0 or items[known - 1].name == known_last):
+            if count > known and (known == 0 or items[known - 1] is known_last):
                 entry = self._index(items, count, last, entry[3], start=known)  # appended to
             else:
                 entry = self._index(items, count, last)
@@ -258,12 +259,12 @@ class ByName:
         return None if position is None else items[position]
 
     def _index(
-        self, items: Any, count: int, last: str | None, positions: dict[str, int] | None = None, start: int = 0
-    ) -> tuple[Any, int, str | None, dict[str, int]]:
+        self, items: Any, count: int, last: Any, positions: dict[str, int] | None = None, start: int = 0
+    ) -> tuple[Any, int, Any, dict[str, int]]:
         positions = {} if positions is None else positions
         for i in range(start, count):
             positions.setdefault(items[i].name, i)
-        # The field itself is kept: its id cannot then be reused by another.
+        # The field and its last item are kept: their ids cannot then be reused.
         entry = self._indexes[id(items)] = (items, count, last, positions)
         return entry
 
