@@ -97,7 +97,7 @@ def fold_static_shape_reads(model: onnx.ModelProto, *, max_rounds: int = 8, shap
     for round_ in range(max_rounds):
         # onnxruntime's symbolic inference evaluates the shape arithmetic between one
         # reshape and the next, which onnx's own inference leaves unknown. Once that is
-        # folded, onnx's inference (~30x faster) sees what the folding made static.
+        # folded, onnx's cheaper inference sees what the folding made static.
         if round_ > 0 or shapes is None:
             shapes = infer_shapes(weightless_copy(model), symbolic=round_ == 0, merge_dims=False)
         constants = {t.name: t for t in graph.initializer}
