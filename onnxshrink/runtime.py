@@ -442,6 +442,26 @@ _STALL_SECONDS = 10.0
 _PROBE_POLL_SECONDS = 0.5
 
 
+def _await_child(child: Any, seconds: float) -> str:
+    """Wait for a forked child: ``"exited"``, or ``"timeout"`` after ``seconds``, or
+    ``"stalled"`` once it has used no CPU for :data:`_STALL_SECONDS` (killed in both)."""
+    deadline = time.monotonic() + seconds
+    ticks, since = _cpu_ticks(child.pid), time.monotonic()
+    while True:
+        child.join(_PROBE_POLL_SECONDS)  # returns at once when the child ends
+        if child.exitcode is not None:
+            return "exited"
+        now = time.monotonic()
+        latest = _cpu_ticks(child.pid)
+        if latest is None or latest != ticks:
+            ticks, since = latest, now
+        ending = "timeout" if now >= deadline else "stalled" if now - since >= _STALL_SECONDS else None
+        if ending is not None:
+            child.kill()
+            child.join()
+            return ending
+
+
 def _cpu_ticks(pid: int) -> int | None:
     """User + system CPU time of process ``pid`` in clock ticks (None where /proc is not)."""
     try:
@@ -528,32 +548,17 @@ class CrashProbe:
         child, self.child = self.child, None
         if child is None:
             return
-        deadline = time.monotonic() + _PROBE_SECONDS
-        ticks, since = _cpu_ticks(child.pid), time.monotonic()
-        while child.exitcode is None:
-            child.join(_PROBE_POLL_SECONDS)  # returns at once when the child ends
-            now = time.monotonic()
-            if child.exitcode is not None:
-                break
-            if now >= deadline:
-                child.kill()
-                child.join()
-                self._stage()
-                raise ShrinkError(f"onnx and onnxruntime did not finish with the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
-            latest = _cpu_ticks(child.pid)
-            if latest is None or latest != ticks:
-                ticks, since = latest, now
-            elif now - since >= _STALL_SECONDS:
-                # Asleep without using the CPU: blocked for good on a lock that another
-                # thread of this process held when it forked (the child has no such
-                # thread), not working on the model. Inconclusive, like the OOM killer.
-                child.kill()
-                child.join()
-                stage = self._stage()
-                CrashProbe.stalls += 1
-                log.info("crash probe: the child stalled (stage %r, no CPU for %.0f s); skipped", stage.decode(), _STALL_SECONDS)
-                return
+        ending = _await_child(child, _PROBE_SECONDS)
         stage = self._stage()
+        if ending == "timeout":
+            raise ShrinkError(f"onnx and onnxruntime did not finish with the model within {_PROBE_SECONDS:.0f} s", path=self.model_path)
+        if ending == "stalled":
+            # Blocked for good on something that a thread of this process held when it
+            # forked (the child has no such thread), not working on the model: inconclusive,
+            # like the OOM killer.
+            CrashProbe.stalls += 1
+            log.info("crash probe: the child stalled (stage %r, no CPU for %.0f s); skipped", stage.decode(), _STALL_SECONDS)
+            return
         if child.exitcode == -getattr(signal, "SIGKILL", 9):
             return  # the kernel's out-of-memory killer (or a user): says nothing about a crash
         if child.exitcode < 0:
@@ -645,20 +650,7 @@ class ForkedJob:
         try:
             if child is None or path is None:
                 return None
-            deadline = time.monotonic() + seconds
-            ticks, since = _cpu_ticks(child.pid), time.monotonic()
-            while child.exitcode is None and time.monotonic() < deadline:
-                child.join(_PROBE_POLL_SECONDS)
-                latest = _cpu_ticks(child.pid)
-                if latest is None or latest != ticks:
-                    ticks, since = latest, time.monotonic()
-                elif time.monotonic() - since >= _STALL_SECONDS:
-                    break
-            if child.exitcode is None:
-                child.kill()
-                child.join()
-                return None
-            if child.exitcode != 0:
+            if _await_child(child, seconds) != "exited" or child.exitcode != 0:
                 return None
             import json
 

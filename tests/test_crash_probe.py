@@ -9,9 +9,12 @@ held by another thread at the fork blocks the same way.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -38,6 +41,26 @@ def _conv_model(path: Path) -> onnx.ModelProto:
     return load_model(path)[0]
 
 
+@contextlib.contextmanager
+def _held_by_another_thread(lock: Any) -> Iterator[None]:
+    """``lock`` taken by another thread of this process for as long as the block runs."""
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(5)
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
 def test_child_reports_the_mac_count(tmp_path: Path) -> None:
     model = _conv_model(tmp_path / "m.onnx")
     probe = runtime.CrashProbe(tmp_path / "m.onnx", model)
@@ -51,26 +74,12 @@ def test_lock_held_by_another_thread_at_fork_is_free_in_child(tmp_path: Path, mo
     inference takes it at once (it used to hang there for good)."""
     monkeypatch.setenv("ONNXSHRINK_MAX_MEMORY", "8G")  # with no bound the lock is never taken
     model = _conv_model(tmp_path / "m.onnx")
-    release = threading.Event()
-    holding = threading.Event()
-
-    def hold() -> None:
-        with runtime._ADDRESS_SPACE._lock:
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(5)
+    with _held_by_another_thread(runtime._ADDRESS_SPACE._lock):
         start = time.monotonic()
         probe = runtime.CrashProbe(tmp_path / "m.onnx", model)
         probe.wait()
         assert time.monotonic() - start < runtime._STALL_SECONDS
         assert probe.mac_total is not None  # got through the shape stage
-    finally:
-        release.set()
-        holder.join()
 
 
 def test_stalled_child_is_inconclusive_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,27 +97,13 @@ def test_stalled_child_is_inconclusive_not_a_hang(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(stats, "count_macs", count_macs_needing_the_lock)
     monkeypatch.setattr(runtime, "_STALL_SECONDS", 1.5)
-    release = threading.Event()
-    holding = threading.Event()
-
-    def hold() -> None:
-        with foreign:
-            holding.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(5)
+    with _held_by_another_thread(foreign):
         start, stalls = time.monotonic(), runtime.CrashProbe.stalls
         probe = runtime.CrashProbe(tmp_path / "m.onnx", model)
         probe.wait()  # neither raises nor waits for the 300 s limit
         assert time.monotonic() - start < 15
         assert probe.mac_total is None  # the child never got past the shape stage
         assert runtime.CrashProbe.stalls == stalls + 1
-    finally:
-        release.set()
-        holder.join()
 
 
 def test_parent_garbage_holding_a_session_is_not_collected_in_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

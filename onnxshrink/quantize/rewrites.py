@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from onnxshrink.data import Sample
 from onnxshrink.passes.prepare import LOSSLESS_RTOL, basic_optimize_with_outputs, max_relative_error, outputs_on
-from onnxshrink.stats import infer_shapes, weightless_copy
+from onnxshrink.stats import infer_shapes, shapes_for_folding, weightless_copy
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ def fold_static_shape_reads(model: onnx.ModelProto, *, max_rounds: int = 8, shap
         # onnxruntime's symbolic inference evaluates the shape arithmetic between one
         # reshape and the next, which onnx's own inference leaves unknown. Once that is
         # folded, onnx's cheaper inference sees what the folding made static.
-        if round_ > 0 or shapes is None:
-            shapes = infer_shapes(weightless_copy(model), symbolic=round_ == 0, merge_dims=False)
+        if round_ > 0:
+            shapes = infer_shapes(weightless_copy(model), merge_dims=False)
+        elif shapes is None:
+            shapes = shapes_for_folding(model) or {}
         constants = {t.name: t for t in graph.initializer}
         producers = {out: node for node in graph.node for out in node.output}
         values: dict[str, np.ndarray] = {}
@@ -213,9 +215,10 @@ def int8_friendly(
             # that onnx's own inference knows every shape after it (the MAC count of the
             # prepared model needs no symbolic inference: sympy stays unimported).
             try:
-                optimized, _, optimized_outputs = basic_optimize_with_outputs(rewritten, samples)
+                optimized, outputs, optimized_outputs = basic_optimize_with_outputs(rewritten, samples)
                 if max_relative_error(expected, optimized_outputs) <= LOSSLESS_RTOL:
                     rewritten, outputs = optimized, optimized_outputs
+                # else: the rewrites as they are, checked on their outputs from the same session
             except Exception:  # noqa: BLE001 - the rewrites are still checked as they are
                 pass
         if outputs is None:
