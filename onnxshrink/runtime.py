@@ -501,8 +501,10 @@ class CrashProbe:
         self.model_path = str(model_path)
         self.child: Any = None
         self._stages = -1
-        #: The model's MAC total as the child counted it (``model`` given): ``(total,)``, the
-        #: total None when some shape stayed unknown; None if the child did not get that far.
+        #: The model's MAC total as the child counted it (``model`` given) with onnx's shape
+        #: inference: ``(total,)``, the total None when some shape stayed unknown (shapes
+        #: computed at run time: ``count_macs`` with symbolic inference may know them); None
+        #: if the child did not get that far.
         self.mac_total: tuple[int | None] | None = None
         if hasattr(os, "fork"):
             # The child reports each stage it enters on this pipe, so that a crash is named.
@@ -697,9 +699,11 @@ def _probe_child(model_path: str, model: onnx.ModelProto | None, stages: int) ->
         if model is not None:
             from onnxshrink.stats import count_macs
 
-            total = count_macs(model).total
-            # The parent reads it instead of counting again (symbolic inference can take a
-            # quarter of a second, e.g. ShuffleNet's channel-shuffle shape arithmetic).
+            # onnx's inference only: where shapes are computed at run time (ShuffleNet's
+            # channel shuffle), the parent has the symbolic count (sympy, half a second)
+            # made in a job beside its own work instead of waiting for it here.
+            total = count_macs(model, symbolic=False).total
+            # The parent reads it instead of counting again.
             os.write(stages, _MACS_REPORT + (b"-" if total is None else str(total).encode()) + b";")
         else:
             onnx.shape_inference.infer_shapes(onnx.load(model_path, load_external_data=False), strict_mode=False, data_prop=True)

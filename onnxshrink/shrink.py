@@ -248,7 +248,7 @@ def run_recipe(
         try:
             return pipeline.run()
         finally:
-            pipeline._cancel_shapes_job()  # not asked for (no Shape left to fold), or a failure
+            pipeline._cancel_jobs()  # not asked for (no Shape left to fold), or a failure
     except ShrinkError as exc:
         if exc.path is None and not isinstance(exc, ConfigError):
             exc.path = str(model_path)
@@ -277,6 +277,7 @@ class _Pipeline:
         self.distilled: list[dict[str, Any]] = []
         self.gates: list[str] = []
         self.shapes_job: ForkedJob | None = None
+        self.macs_job: ForkedJob | None = None
         self.source_stamp: tuple[int, int, int] | None = None
 
     def run(self) -> ShrinkOutcome:
@@ -314,7 +315,15 @@ class _Pipeline:
             probe.cancel()
             raise
         probe.wait()
-        macs_before = probe.mac_total[0] if probe.mac_total is not None else count_macs(original).total
+        macs_before: int | None = None
+        if probe.mac_total is None:
+            macs_before = count_macs(original).total
+        elif probe.mac_total[0] is not None:
+            macs_before = probe.mac_total[0]
+        else:
+            # Shapes computed at run time: symbolic inference knows them. It runs in a child
+            # beside the steps, and is read back for the report.
+            self.macs_job = ForkedJob(_mac_total, original)
         # The original is kept for the end-to-end fidelity when a step other than int8
         # changes the numbers; otherwise int8 gets the only reference (memory).
         changes = [s.type for s in recipe.steps if s.type in ("prune.channels", "prune.magnitude", "distill")]
@@ -334,6 +343,9 @@ class _Pipeline:
                 self.warnings.append("fidelity was measured on random inputs: it says nothing about accuracy; give --calib DATA")
         _stamp_metadata(current, self.steps, recipe=recipe, input_sha256=self.input_sha256, data_sha256=self._data_sha256(source))
         save_model(current, self.output_path, input_path=self.model_path)
+        if self.macs_job is not None:
+            job, self.macs_job = self.macs_job, None
+            macs_before = job.result()
         convert_seconds = time.perf_counter() - start
         convert_rss = peak_rss_mb()
         latency = None
@@ -426,10 +438,12 @@ class _Pipeline:
         self.steps.append("prune.magnitude")
         self._recalibrate(step)
 
-    def _cancel_shapes_job(self) -> None:
-        job, self.shapes_job = self.shapes_job, None
-        if job is not None:
-            job.cancel()
+    def _cancel_jobs(self) -> None:
+        for name in ("shapes_job", "macs_job"):
+            job = getattr(self, name)
+            setattr(self, name, None)
+            if job is not None:
+                job.cancel()
 
     def _quantize_int8(self, step: Int8Step) -> None:
         if self.on_random and self.recipe.data.calibration is None:
@@ -484,6 +498,10 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _mac_total(model: onnx.ModelProto) -> int | None:
+    return count_macs(model).total
 
 
 def peak_rss_mb() -> float:

@@ -356,14 +356,18 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int | None:
     return 0
 
 
-def count_macs(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None) -> MacCount:
-    """MACs of the model's top-level graph for concrete input shapes."""
+def count_macs(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None, *, symbolic: bool = True) -> MacCount:
+    """MACs of the model's top-level graph for concrete input shapes.
+
+    ``symbolic=False``: onnx's inference only, never onnxruntime's symbolic inference (which
+    imports sympy and can take half a second): shapes computed at run time stay unknown.
+    """
     shapes_in, unresolved_inputs = concrete_input_shapes(model, overrides or {})
     if unresolved_inputs:
         log.info("inputs with unknown dimensions: %s (use --shape)", unresolved_inputs)
     fixed = with_input_shapes(model, shapes_in)
     shapes = infer_shapes(fixed)
-    if not unresolved_inputs and any(node_macs(n, shapes) is None for n in model.graph.node):
+    if symbolic and not unresolved_inputs and any(node_macs(n, shapes) is None for n in model.graph.node):
         shapes = infer_shapes(fixed, symbolic=True)
     by_type: Counter[str] = Counter()
     by_node: dict[str, int] = {}

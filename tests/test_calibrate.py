@@ -135,3 +135,36 @@ def test_histogram_subsample_covers_the_whole_tensor():
     stats = collect_stats(model, iter([Sample({"x": x})] * 3), histogram=True, calibrate=range(3)).stats
     hist = stats["x"].hist
     assert hist is not None and hist[len(hist) // 2 + 1 :].sum() > 0, "the tail values were never sampled"
+
+
+def test_derivable_ranges_only_where_the_range_follows_for_sure():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxshrink.quantize.calibrate import complete_ranges, derivable_ranges
+
+    const = numpy_helper.from_array(np.ones((1, 2, 4, 4), np.float32), "const")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r0"]),  # graph input: measured
+        helper.make_node("Neg", ["x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ra"]),  # a: Relu's only reader -> derived from ra
+        helper.make_node("Neg", ["x"], ["b"]),
+        helper.make_node("Relu", ["b"], ["rb"]),
+        helper.make_node("Sigmoid", ["b"], ["sb"]),  # b has two readers: measured
+        helper.make_node("Concat", ["ra", "rb"], ["cat"], axis=1),  # derived from its inputs
+        helper.make_node("Concat", ["cat", "sb"], ["cat2"], axis=1),  # derived from a derived one
+        helper.make_node("Concat", ["rb", "const"], ["catc"], axis=1),  # a weight: measured
+        helper.make_node("Neg", ["cat2"], ["out_pre"]),
+        helper.make_node("Relu", ["out_pre"], ["y"]),
+        helper.make_node("Neg", ["catc"], ["y2"]),
+    ]
+    float4 = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [float4("x")], [float4("y"), float4("y2"), float4("out_pre")], [const])
+    model = helper.make_model(graph)
+    activations = ["x", "r0", "a", "ra", "b", "rb", "sb", "cat", "cat2", "catc", "out_pre", "y", "y2"]
+    derived = derivable_ranges(model, activations)
+    assert derived == {"a": ("ra",), "cat": ("ra", "rb"), "cat2": ("cat", "sb")}  # out_pre: a graph output
+    ranges = {"ra": (0.0, 2.0), "rb": (0.0, 5.0), "sb": (-1.0, 1.0)}
+    assert complete_ranges(ranges, derived) == 3
+    assert ranges["a"] == (0.0, 2.0) and ranges["cat"] == (0.0, 5.0) and ranges["cat2"] == (-1.0, 5.0)
+    onnx.checker.check_model(model)

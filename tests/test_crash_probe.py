@@ -91,9 +91,9 @@ def test_stalled_child_is_inconclusive_not_a_hang(tmp_path: Path, monkeypatch: p
 
     real = stats.count_macs
 
-    def count_macs_needing_the_lock(m: onnx.ModelProto) -> object:
+    def count_macs_needing_the_lock(m: onnx.ModelProto, *args: object, **kwargs: object) -> object:
         with foreign:
-            return real(m)
+            return real(m, *args, **kwargs)
 
     monkeypatch.setattr(stats, "count_macs", count_macs_needing_the_lock)
     monkeypatch.setattr(runtime, "_STALL_SECONDS", 1.5)
@@ -121,9 +121,9 @@ def test_parent_garbage_holding_a_session_is_not_collected_in_child(tmp_path: Pa
 
     real = stats.count_macs
 
-    def count_macs_after_a_collection(m: onnx.ModelProto) -> object:
+    def count_macs_after_a_collection(m: onnx.ModelProto, *args: object, **kwargs: object) -> object:
         gc.collect()  # what the child's own allocations trigger sooner or later
-        return real(m)
+        return real(m, *args, **kwargs)
 
     monkeypatch.setattr(stats, "count_macs", count_macs_after_a_collection)
     monkeypatch.setattr(runtime, "_STALL_SECONDS", 3.0)

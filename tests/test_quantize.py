@@ -526,3 +526,76 @@ def test_readers_index_renames_like_a_scan():
     in_node(scanned, "n3", "b4", "b5")
     check()
     assert sum(list(n.input) == ["b5"] for n in ours.node) == 1  # n3 only
+
+
+def test_derived_ranges_skip_measuring_and_leave_the_int8_model_unchanged(monkeypatch):
+    """Concat outputs (the union of their inputs) and a Relu's sole input (the Relu's range)
+    are not measured in calibration; the QDQ model is byte-identical to measuring them."""
+    from onnxshrink.quantize import calibrate
+
+    model = _dense_block_net(seed=5)
+    data = RandomDataset(model_input_specs(model), count=24, seed=6)
+    passes: list[calibrate.CalibrationPass] = []
+    real = calibrate.collect_stats
+
+    def recording(prepared, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        passes.append(real(prepared, *args, **kwargs))
+        passes[-1].relu_input = next(n.input[0] for n in prepared.graph.node if n.op_type == "Relu")  # type: ignore[attr-defined]
+        return passes[-1]
+
+    monkeypatch.setattr("onnxshrink.quantize.pipeline.collect_stats", recording)
+    derived_run = quantize_int8(model, data, Int8Config(method="mse"))
+    calibration = passes[-1]
+    assert calibration.derived["cat"] == ("input", "c1")
+    assert calibration.derived[calibration.relu_input] == ("r",)  # type: ignore[attr-defined]
+    assert not set(calibration.derived) & set(calibration.stats)  # not measured
+    monkeypatch.setattr(calibrate, "derivable_ranges", lambda m, names: {})
+    measured_run = quantize_int8(model, data, Int8Config(method="mse"))
+    assert not passes[-1].derived and {"cat", "r"} <= set(passes[-1].stats)
+    assert derived_run.model.SerializeToString() == measured_run.model.SerializeToString()
+
+
+def test_shrink_reports_macs_of_shapes_computed_at_run_time(tmp_path):
+    """A Conv on half the channels, sliced at an index computed from Shape (ShuffleNet's
+    chunk): onnx's inference leaves its shape unknown, the probe child reports no total,
+    and the symbolic count made beside the steps fills it in."""
+    from onnx import helper
+
+    from onnxshrink.runtime import CrashProbe
+    from onnxshrink.shrink import ShrinkOptions, shrink
+    from onnxshrink.stats import count_macs
+
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 2, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(1, np.int64), "i1"),
+        numpy_helper.from_array(np.array(2, np.int64), "two"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([2**62], np.int64), "end"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["x"], name="conv"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "i1"], ["c"], name="channels"),
+        helper.make_node("Div", ["c", "two"], ["half"], name="half"),
+        helper.make_node("Unsqueeze", ["half", "zero"], ["start"], name="start"),
+        helper.make_node("Slice", ["x", "start", "end", "axis1"], ["second"], name="chunk"),
+        helper.make_node("Conv", ["second", "w2"], ["output"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "chunk", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, "h", "w"])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "chunk.onnx"
+    onnx.save(model, path)
+    assert count_macs(model, symbolic=False).total is None
+    expected = count_macs(model).total
+    assert expected == 4 * 4 * 36 + 4 * 2 * 36
+    probe = CrashProbe(path, model)
+    probe.wait()
+    assert probe.mac_total == (None,)
+    outcome = shrink(path, tmp_path / "out.onnx", ShrinkOptions(calibration="random", measure_latency=False))
+    assert outcome.macs_before == expected

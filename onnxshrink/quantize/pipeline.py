@@ -33,7 +33,7 @@ from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
 from onnxshrink.passes.prepare import PrepareReport, prepare_with_reference
-from onnxshrink.quantize.calibrate import choose_range, collect_stats, concat_ranges_from_inputs
+from onnxshrink.quantize.calibrate import choose_range, collect_stats, complete_ranges, concat_ranges_from_inputs
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
 from onnxshrink.quantize.rewrites import int8_friendly
@@ -307,11 +307,13 @@ def quantize_int8(
             histogram=method != "minmax",
             calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
             record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
+            derive=True,
             progress=progress,
             threads=threads,
         )
         outliers.check()
         ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
+    complete_ranges(ranges, calibration.derived)
     concat_ranges_from_inputs(prepared, ranges)
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
     del calibration
