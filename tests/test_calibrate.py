@@ -168,3 +168,23 @@ def test_derivable_ranges_only_where_the_range_follows_for_sure():
     assert complete_ranges(ranges, derived) == 3
     assert ranges["a"] == (0.0, 2.0) and ranges["cat"] == (0.0, 5.0) and ranges["cat2"] == (-1.0, 5.0)
     onnx.checker.check_model(model)
+
+
+def test_rearranged_outputs_are_derived_and_unquantized_tensors_skipped():
+    from onnx import TensorProto, helper
+
+    from onnxshrink.quantize.calibrate import derivable_ranges, unquantized_tensors
+    from onnxshrink.quantize.config import DEFAULT_OP_TYPES
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),  # same values as c
+        helper.make_node("Div", ["t", "k"], ["d"]),  # Div -> Erf: neither is quantized
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "t"], ["y"]),
+    ]
+    float4 = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [float4("x")], [float4("y")]))
+    activations = ["x", "c", "t", "d", "e", "y"]
+    assert unquantized_tensors(model, activations, DEFAULT_OP_TYPES) == {"d"}
+    assert derivable_ranges(model, activations) == {"t": ("c",)}

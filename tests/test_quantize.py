@@ -599,3 +599,48 @@ def test_shrink_reports_macs_of_shapes_computed_at_run_time(tmp_path):
     assert probe.mac_total == (None,)
     outcome = shrink(path, tmp_path / "out.onnx", ShrinkOptions(calibration="random", measure_latency=False))
     assert outcome.macs_before == expected
+
+
+def _shared_bias_net() -> onnx.ModelProto:
+    """A Conv whose bias initializer an Add also reads (what onnxruntime's ConstantSharing
+    makes of equal biases, e.g. the zeros of a freshly initialised ConvNeXt)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "bias"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Transpose", ["r"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["nhwc", "fc"], ["m"], name="linear"),
+        helper.make_node("Add", ["m", "bias"], ["output"], name="linear_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared_bias", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 8, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_shared_conv_bias_gets_its_own_copy_so_the_conv_fuses(monkeypatch):
+    from onnxshrink.quantize import pipeline
+    from onnxshrink.quantize.rewrites import unshare_biases
+
+    model = _shared_bias_net()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert unshare_biases(copy) == 1 and unshare_biases(copy) == 0
+    conv = next(n for n in copy.graph.node if n.op_type == "Conv")
+    assert conv.input[2] != "bias" and next(n for n in copy.graph.node if n.op_type == "Add").input[1] == "bias"
+    data = RandomDataset(model_input_specs(model), count=16, seed=1)
+    result = quantize_int8(model, data, Int8Config(fusion_aware=False))
+    assert result.fusion.optimized_ops.get("QLinearConv") == 1  # the Conv is an int8 kernel
+    assert not [u for u in result.fusion.unfused if u.op_type == "Conv"]
+    assert result.fidelity.sqnr_db > 25
+    monkeypatch.setattr(pipeline, "unshare_biases", lambda m: 0)
+    shared = quantize_int8(model, data, Int8Config(fusion_aware=False))
+    assert [u.node for u in shared.fusion.unfused if u.op_type == "Conv"] == ["conv"]  # what it fixes

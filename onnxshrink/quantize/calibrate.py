@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,6 +228,8 @@ def _add_summaries(
 #: Activations that onnxruntime's QDQ quantizer removes when their input is quantized: the
 #: producer's output then takes the activation's output scale (``try_replacing_upstream_output``).
 _REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+#: Ops whose output holds exactly the values of their first input, rearranged.
+_VALUE_PRESERVING = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
 def derivable_ranges(model: onnx.ModelProto, activations: Iterable[str]) -> dict[str, tuple[str, ...]]:
@@ -235,11 +237,13 @@ def derivable_ranges(model: onnx.ModelProto, activations: Iterable[str]) -> dict
 
     * a Concat's output: the union of its inputs' ranges (:func:`concat_ranges_from_inputs`
       gives it that range whatever was measured), when every input is measured or derived;
+    * the output of an op that only rearranges its input (Reshape, Transpose, ...): the same
+      values, so the same range (onnxruntime's quantizer gives it the input's scale anyway
+      when the input is quantized);
     * the sole input of a Relu or Clip (not a graph input or output, read by nothing else):
-      onnxruntime's quantizer removes the activation and gives the producer's output the
-      activation's output scale, so its own range is never read. Should it be read (the
-      activation excluded, symmetric activations), the output's range is still exact for it:
-      Relu or Clip maps everything outside that range onto it.
+      onnxruntime's quantizer gives it the activation's output range (``adjust_tensor_ranges``)
+      and then removes the activation. The output's range is exact for it whatever is
+      quantized: Relu or Clip maps everything outside that range onto it.
 
     Measuring costs a pass over the tensor per sample: on DenseNet-121 these are a third of
     the activation volume.
@@ -252,10 +256,12 @@ def derivable_ranges(model: onnx.ModelProto, activations: Iterable[str]) -> dict
             readers[name] = readers.get(name, 0) + 1
     derived: dict[str, tuple[str, ...]] = {}
     for node in model.graph.node:  # graph order: a Concat's derived inputs come first
-        if not node.output or node.output[0] not in available or node.output[0] in boundary:
+        if not node.output or node.output[0] not in available or node.output[0] in boundary or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Concat" and node.input and all(name in available for name in node.input):
             derived[node.output[0]] = tuple(node.input)
+        elif node.op_type in _VALUE_PRESERVING and node.input and node.input[0] in available:
+            derived[node.output[0]] = (node.input[0],)
         elif (
             node.op_type in _REMOVABLE_ACTIVATIONS
             and node.input
@@ -266,6 +272,19 @@ def derivable_ranges(model: onnx.ModelProto, activations: Iterable[str]) -> dict
         ):
             derived[node.input[0]] = (node.output[0],)
     return derived
+
+
+def unquantized_tensors(model: onnx.ModelProto, activations: Iterable[str], op_types: Collection[str]) -> set[str]:
+    """Activations that no node of ``op_types`` writes or reads (nor a graph input or output):
+    the quantizer never quantizes them, so their range is never asked for (e.g. the Div
+    before the Erf of a GELU)."""
+    available = set(activations) - {value.name for value in model.graph.input} - {value.name for value in model.graph.output}
+    touched: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            touched.update(node.input)
+            touched.update(node.output)
+    return available - touched
 
 
 def complete_ranges(ranges: dict[str, tuple[float, float]], derived: dict[str, tuple[str, ...]]) -> int:
@@ -307,13 +326,15 @@ def collect_stats(
     calibrate: range | None = None,
     record: range | None = None,
     tensors: list[str] | None = None,
-    derive: bool = False,
+    quantized_op_types: Collection[str] | None = None,
     progress: bool = False,
     threads: int | None = 1,
 ) -> CalibrationPass:
     """Run ``model`` once per sample; summarise each float activation on the samples whose
     position is in ``calibrate`` (all when None), keep the graph outputs of those in ``record``.
-    ``derive``: skip the tensors whose ranges follow from others' (:func:`derivable_ranges`).
+    ``quantized_op_types``: the op types to be quantized; given, the tensors whose ranges
+    follow from others' (:func:`derivable_ranges`) or are never read
+    (:func:`unquantized_tensors`) are not measured.
     ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
     """
     samples = iter(samples)
@@ -323,8 +344,12 @@ def collect_stats(
     samples = itertools.chain([first], samples)
     activations = float_activations(model, {name: np.shape(value) for name, value in first.feeds.items()})
     names = activations if tensors is None else {name: activations.get(name) for name in tensors}
-    derived = derivable_ranges(model, names) if derive else {}
-    names = {name: size for name, size in names.items() if name not in derived}
+    derived: dict[str, tuple[str, ...]] = {}
+    if quantized_op_types is not None:
+        unread = unquantized_tensors(model, names, quantized_op_types)
+        names = {name: size for name, size in names.items() if name not in unread}
+        derived = derivable_ranges(model, names)  # from tensors that get a range only
+        names = {name: size for name, size in names.items() if name not in derived}
     graph_outputs = [o.name for o in model.graph.output]
     # Summaries are added to the model itself for as long as it takes to create the session
     # (a copy would double the weights in memory), then taken out again.

@@ -36,7 +36,7 @@ from onnxshrink.passes.prepare import PrepareReport, prepare_with_reference
 from onnxshrink.quantize.calibrate import choose_range, collect_stats, complete_ranges, concat_ranges_from_inputs
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
-from onnxshrink.quantize.rewrites import int8_friendly
+from onnxshrink.quantize.rewrites import int8_friendly, unshare_biases
 from onnxshrink.quantize.sensitivity import NodeSensitivity, node_sensitivity
 from onnxshrink.runtime import make_session, release_memory
 from onnxshrink.stats import count_macs
@@ -289,6 +289,9 @@ def quantize_int8(
         if config.provider == "cpu":
             prepared, steps = int8_friendly(prepared, checks, reference, shapes=source_shapes)
             prep_report.steps += steps
+        copies = unshare_biases(prepared)  # the same values under new names: nothing to check
+        if copies:
+            prep_report.steps.append({"step": "shared Conv/Gemm bias -> a copy each (an int32 bias each)", "applied": True, "nodes": copies})
         ensure_node_names(prepared)
         release_memory()
     with _phase("MAC count"):
@@ -307,7 +310,7 @@ def quantize_int8(
             histogram=method != "minmax",
             calibrate=range(split.calibration.start - span.start, split.calibration.stop - span.start),
             record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
-            derive=True,
+            quantized_op_types=config.quantized_op_types,
             progress=progress,
             threads=threads,
         )
