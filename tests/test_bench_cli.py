@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from onnxshrink.bench.schema import SCHEMA, check
-from onnxshrink.cli.bench_cmd import bench
 from onnxshrink.errors import EXIT_GATE, EXIT_USAGE
 from onnxshrink.testing import conv_net, run_ort
 
@@ -59,11 +58,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
 
 
 def bench_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run through the real entry point (error lines, exit codes), with ``bench`` registered."""
-    from onnxshrink.cli import cli, main
+    """Run through the real entry point (error lines, exit codes)."""
+    from onnxshrink.cli import main
 
-    if "bench" not in cli.commands:
-        cli.add_command(bench)
     code = main(["bench", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -78,8 +75,7 @@ def test_list_providers(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_missing_provider_is_one_line_exit_2(pair: Pair) -> None:
     script = (
-        "import sys; from onnxshrink.cli import cli, main; from onnxshrink.cli.bench_cmd import bench; "
-        "cli.add_command(bench); sys.exit(main(sys.argv[1:]))"
+        "import sys; from onnxshrink.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, "bench", pair.fp32, pair.int8, "--provider", "cuda"],

@@ -39,7 +39,35 @@ def _configure_logging(verbose: int, quiet: int) -> None:
     root.propagate = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: Each command's module, imported only when that command runs (or ``--help`` lists them all):
+#: ``onnxshrink shrink`` does not import the bench, auto and distill code.
+_COMMANDS = {
+    "inspect": ("onnxshrink.cli.inspect_cmd", "inspect"),
+    "shrink": ("onnxshrink.cli.shrink_cmd", "shrink_command"),
+    "bench": ("onnxshrink.cli.bench_cmd", "bench"),
+    "distill": ("onnxshrink.cli.distill_cmd", "distill"),
+    "run": ("onnxshrink.cli.run_cmd", "run_command"),
+    "recipe": ("onnxshrink.cli.recipe_cmd", "recipe_group"),
+    "auto": ("onnxshrink.cli.auto_cmd", "auto_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose commands are imported on first use (start-up time of every run)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(dict.fromkeys([*_COMMANDS, *super().list_commands(ctx)]))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            import importlib
+
+            module, attribute = _COMMANDS[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name=cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (repeat for debug output).")
 @click.option("-q", "--quiet", count=True, help="Less output: warnings off (repeat to hide errors' context too).")
@@ -65,21 +93,6 @@ def cli(ctx: click.Context, verbose: int, quiet: int, show_traceback: bool) -> N
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = show_traceback
     _configure_logging(verbose, quiet)
-
-
-def _register_commands() -> None:
-    from onnxshrink.cli import auto_cmd, bench_cmd, distill_cmd, inspect_cmd, recipe_cmd, run_cmd, shrink_cmd
-
-    cli.add_command(inspect_cmd.inspect)
-    cli.add_command(shrink_cmd.shrink_command, name="shrink")
-    cli.add_command(bench_cmd.bench)
-    cli.add_command(distill_cmd.distill)
-    cli.add_command(run_cmd.run_command, name="run")
-    cli.add_command(recipe_cmd.recipe_group, name="recipe")
-    cli.add_command(auto_cmd.auto_command, name="auto")
-
-
-_register_commands()
 
 
 def _wants_traceback(argv: Sequence[str]) -> bool:
