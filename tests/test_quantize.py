@@ -157,8 +157,11 @@ def test_vectorised_weight_quantization_equals_onnxruntimes(qtype, axis):
     assert quantize_per_channel_initializer(tensor, qtype, zero_point, scale, axis, block_size=32) is None
 
 
-def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):
-    """Our vectorised weights and shape inference on a weightless copy change nothing."""
+@pytest.mark.parametrize("huge_bias", [False, True])
+def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch, huge_bias):
+    """Our vectorised weights, bias-scale screen and shape inference on a weightless copy
+    change nothing. ``huge_bias``: a bias too large for input scale x weight scale in int32,
+    so that onnxruntime widens that weight's scales (the screen hands it over)."""
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     from onnxshrink.passes.prepare import prepare
@@ -169,6 +172,12 @@ def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):
     data = open_dataset(SAMPLES / "digits_calib.npz", model)
     prepared, _ = prepare(model, list(data.take(2)))
     engine.ensure_node_names(prepared)
+    if huge_bias:
+        conv = next(n for n in prepared.graph.node if n.op_type == "Conv" and len(n.input) > 2)
+        bias = next(t for t in prepared.graph.initializer if t.name == conv.input[2])
+        values = numpy_helper.to_array(bias).copy()
+        values[0] = 3e6
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     stats = collect_stats(prepared, iter(data.take(8)), histogram=False).stats
     ranges = {name: choose_range(s, "minmax") for name, s in stats.items()}
     ours = engine.build_qdq(prepared, ranges, Int8Config())
@@ -178,6 +187,10 @@ def test_qdq_build_matches_onnxruntimes_own_quantizer(monkeypatch):
     assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in theirs.graph.node]
     assert {t.name: t.SerializeToString() for t in ours.graph.initializer} == {t.name: t.SerializeToString() for t in theirs.graph.initializer}
     assert not any(p.key == "onnx.infer" for p in ours.metadata_props)
+    if huge_bias:  # the widened scale is there: the case was exercised
+        qbias = next(n for n in ours.graph.node if n.op_type == "DequantizeLinear" and n.output[0].startswith(bias.name))
+        scale = numpy_helper.to_array(next(t for t in ours.graph.initializer if t.name == qbias.input[1]))
+        assert scale[0] >= 2 * 3e6 / 2**32
 
 
 def test_sensitivity_in_graph_equals_exposed_activations():

@@ -410,6 +410,34 @@ def _quantizer_class() -> type:
                 for module, name, previous in saved:
                     setattr(module, name, previous)
 
+        def adjust_tensor_ranges(self) -> None:
+            # onnxruntime rebuilds the tensor -> readers map for every Relu and Clip it looks
+            # at (quadratic); this method changes ranges only, never the graph: one map serves.
+            wrapper = self.model
+            readers = wrapper.input_name_to_nodes()
+            wrapper.input_name_to_nodes = lambda: readers
+            try:
+                super().adjust_tensor_ranges()
+            finally:
+                del wrapper.input_name_to_nodes  # the class's method again
+
+        def _adjust_weight_scale_for_int32_bias(
+            self, input_scale: np.ndarray, weight_scale: np.ndarray, weight_name: str, bias_tp: onnx.TensorProto, is_per_channel: bool
+        ) -> tuple[bool, np.ndarray | None]:
+            # onnxruntime checks, channel by channel in Python, whether input scale x weight
+            # scale is too small for the int32 bias (then it widens the weight's scale). A
+            # vectorised screen, with a margin far above rounding, finds the channels that
+            # might be; none (the usual case): nothing to adjust, as onnxruntime would find.
+            if is_per_channel and weight_scale.ndim == 1 and weight_scale.size and np.asarray(input_scale).size == 1:
+                bias = numpy_helper.to_array(bias_tp).astype(np.float64)
+                if bias.ndim == 1 and bias.shape[0] >= weight_scale.shape[0]:
+                    qrange = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)
+                    smallest = 1.0001 * 2.0 * np.abs(bias[: weight_scale.shape[0]]) / qrange
+                    candidate = float(np.asarray(input_scale).item()) * weight_scale.astype(np.float64)
+                    if not np.any((candidate > 0.0) & (candidate < smallest * (1.0 + 1e-5))):
+                        return False, weight_scale
+            return super()._adjust_weight_scale_for_int32_bias(input_scale, weight_scale, weight_name, bias_tp, is_per_channel)
+
         def _calc_initializer_quant_params(self) -> dict[str, Any]:
             initializers = {t.name: t for t in self.model.initializer()}
             fast = {
