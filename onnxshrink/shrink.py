@@ -25,17 +25,8 @@ from onnxshrink.bench.timing import measure_interleaved, paired_ratio
 from onnxshrink.data import DataOptions, Dataset, RandomDataset, model_input_specs, open_dataset
 from onnxshrink.errors import ConfigError, ShrinkError
 from onnxshrink.modelio import check_output_path, load_model, save_model
-from onnxshrink.prune import (
-    ChannelPruneConfig,
-    LayerSensitivity,
-    MagnitudePruneConfig,
-    MagnitudePruneReport,
-    PruneReport,
-    magnitude_sensitivity,
-    prune_channels,
-    prune_magnitude,
-    recalibrate_batchnorm,
-)
+from onnxshrink import prune  # its passes are imported when a pruning step runs
+from onnxshrink.prune import ChannelPruneConfig, MagnitudePruneConfig
 from onnxshrink.quantize import Int8Config, Int8Result, quantize_int8
 from onnxshrink.passes.prepare import prepare
 from onnxshrink.quantize.pipeline import iter_range, split_samples
@@ -111,9 +102,9 @@ class ShrinkOutcome:
     params_after: int
     steps: list[str]
     int8: Int8Result | None
-    pruning: list[PruneReport]
+    pruning: list[prune.PruneReport]
     fidelity: Fidelity | None  # end to end against the original (when pruning changed it)
-    magnitude_sensitivity: list[LayerSensitivity]
+    magnitude_sensitivity: list[prune.LayerSensitivity]
     fidelity_on_random: bool
     latency: LatencyComparison | None
     wall_seconds: float
@@ -271,8 +262,8 @@ class _Pipeline:
         self.measure = measure
         self.steps: list[str] = []
         self.warnings: list[str] = []
-        self.pruning: list[PruneReport] = []
-        self.sensitivity: list[LayerSensitivity] = []
+        self.pruning: list[prune.PruneReport] = []
+        self.sensitivity: list[prune.LayerSensitivity] = []
         self.int8: Int8Result | None = None
         self.distilled: list[dict[str, Any]] = []
         self.gates: list[str] = []
@@ -357,7 +348,7 @@ class _Pipeline:
                 self.warnings.append(f"the compressed model is SLOWER than the original on {latency.provider} ({latency.ratio:.2f}x the latency).{cause}")
             if bench.min_speedup is not None and latency.ratio > 0 and 1.0 / latency.ratio < bench.min_speedup:
                 self.gates.append(f"speed-up {1.0 / latency.ratio:.2f}x is below --min-speedup {bench.min_speedup}")
-        if any(isinstance(r, MagnitudePruneReport) for r in self.pruning):
+        if any(isinstance(r, prune.MagnitudePruneReport) for r in self.pruning):
             self.warnings.append("magnitude pruning makes the file compress better (gzip) but gives no speed-up in ONNX Runtime, whose kernels are dense; use --prune-channels for speed")
         return ShrinkOutcome(
             input_path=str(self.model_path),
@@ -404,7 +395,7 @@ class _Pipeline:
         if wanted and has_bn:
             # One thread: reductions then add up in the same order on every machine.
             samples = self.dataset.take(min(len(self.dataset), step.recalibration_samples))
-            count = recalibrate_batchnorm(model, samples, threads=1)
+            count = prune.recalibrate_batchnorm(model, samples, threads=1)
             self.steps.append(f"recalibrate.batchnorm({count})")
 
     def _fold(self, step: FoldStep) -> None:
@@ -423,7 +414,7 @@ class _Pipeline:
         # that does not fit its input, which the checker and session creation let by) must
         # fail here in one line rather than inside the surgery.
         make_session(self.current, threads=1).run(None, next(iter(self.dataset)).feeds)
-        self.pruning.append(prune_channels(self._writable(), step.config))
+        self.pruning.append(prune.prune_channels(self._writable(), step.config))
         self.steps.append("prune.channels")
         self._recalibrate(step)
 
@@ -433,8 +424,8 @@ class _Pipeline:
         if step.sensitivity and config.sparsity is not None and not self.on_random:
             # Before pruning: where would this sparsity hurt, layer by layer? (report only)
             probe = self.dataset.take(min(len(self.dataset), _SENSITIVITY_SAMPLES))
-            self.sensitivity = magnitude_sensitivity(model, probe, config.sparsity, exclude=config.exclude, threads=None)
-        self.pruning.append(prune_magnitude(model, config))
+            self.sensitivity = prune.magnitude_sensitivity(model, probe, config.sparsity, exclude=config.exclude, threads=None)
+        self.pruning.append(prune.prune_magnitude(model, config))
         self.steps.append("prune.magnitude")
         self._recalibrate(step)
 

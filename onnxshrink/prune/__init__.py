@@ -24,19 +24,49 @@ Example::
 
 from __future__ import annotations
 
-from onnxshrink.prune._layout import SkipReason
-from onnxshrink.prune.channels import prune_channel_indices, prune_channels
+from typing import TYPE_CHECKING, Any
+
 from onnxshrink.prune.config import ChannelPruneConfig, MagnitudePruneConfig
-from onnxshrink.prune.graph_channels import ChannelGraph, ChannelGroup, analyze_channels
-from onnxshrink.prune.magnitude import LayerSensitivity, magnitude_sensitivity, prune_magnitude
-from onnxshrink.prune.recalibrate import recalibrate_batchnorm
-from onnxshrink.prune.report import (
-    ChannelPruneReport,
-    GroupReport,
-    LayerSparsity,
-    MagnitudePruneReport,
-    PruneReport,
-)
+
+if TYPE_CHECKING:
+    from onnxshrink.prune._layout import SkipReason
+    from onnxshrink.prune.channels import prune_channel_indices, prune_channels
+    from onnxshrink.prune.graph_channels import ChannelGraph, ChannelGroup, analyze_channels
+    from onnxshrink.prune.magnitude import LayerSensitivity, magnitude_sensitivity, prune_magnitude
+    from onnxshrink.prune.recalibrate import recalibrate_batchnorm
+    from onnxshrink.prune.report import ChannelPruneReport, GroupReport, LayerSparsity, MagnitudePruneReport, PruneReport
+
+#: Where each name lives: imported on first use, so that a command that only reads pruning
+#: options (``onnxshrink shrink --quantize int8``) does not load the dependency analysis.
+_LAZY = {
+    "SkipReason": "_layout",
+    "prune_channel_indices": "channels",
+    "prune_channels": "channels",
+    "ChannelGraph": "graph_channels",
+    "ChannelGroup": "graph_channels",
+    "analyze_channels": "graph_channels",
+    "LayerSensitivity": "magnitude",
+    "magnitude_sensitivity": "magnitude",
+    "prune_magnitude": "magnitude",
+    "recalibrate_batchnorm": "recalibrate",
+    "ChannelPruneReport": "report",
+    "GroupReport": "report",
+    "LayerSparsity": "report",
+    "MagnitudePruneReport": "report",
+    "PruneReport": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ChannelGraph",
