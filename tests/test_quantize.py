@@ -657,3 +657,40 @@ def test_a_shared_conv_bias_gets_its_own_copy_so_the_conv_fuses(monkeypatch):
     monkeypatch.setattr(pipeline, "unshare_biases", lambda m: 0)
     shared = quantize_int8(model, data, Int8Config(fusion_aware=False))
     assert [u.node for u in shared.fusion.unfused if u.op_type == "Conv"] == ["conv"]  # what it fixes
+
+
+def test_fold_check_on_the_calibration_pass_and_a_failed_one_prepares_again(tmp_path, monkeypatch, caplog):
+    """With the model's file at hand, the folding is checked on the outputs the calibration
+    pass records; if they moved, the model is prepared again from the file, each step checked
+    on its own (here the folding is made to corrupt a weight, so it is then skipped)."""
+    import logging
+
+    from onnxshrink.passes import prepare as prepare_module
+
+    model = conv_net(seed=3)
+    path = tmp_path / "net.onnx"
+    onnx.save(model, path)
+    data = RandomDataset(model_input_specs(model), count=12, seed=2)
+
+    result = quantize_int8(load_model(path)[0], data, source=path)
+    fold = next(s for s in result.prepare.steps if s["step"].startswith("fold constants"))
+    assert fold["applied"] and fold["checked"] == "on the calibration pass" and fold["max_relative_error"] <= 1e-4
+    assert not result.prepare.unchecked
+
+    real = prepare_module.basic_optimize_with_outputs
+
+    def corrupting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        optimized, outputs, checked = real(*args, **kwargs)
+        weight = next(t for t in optimized.graph.initializer if len(t.dims) == 4)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 3, weight.name))
+        if checked is not None:  # the step-by-step check sees the corrupted copy too
+            checked = prepare_module.outputs_on(optimized, args[1])
+        return optimized, outputs, checked
+
+    monkeypatch.setattr(prepare_module, "basic_optimize_with_outputs", corrupting)
+    with caplog.at_level(logging.WARNING, logger="onnxshrink"):
+        result = quantize_int8(load_model(path)[0], data, source=path)
+    assert any("preparing again" in r.getMessage() for r in caplog.records)
+    fold = next(s for s in result.prepare.steps if s["step"].startswith("fold constants"))
+    assert not fold["applied"] and "outputs moved" in fold["reason"]
+    assert result.fidelity.sqnr_db > 25  # quantized from the unchanged model

@@ -32,8 +32,9 @@ from onnxshrink.data import Dataset, OutlierWatch, Sample
 from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.fusion import FusionReport, UnfusedUnit, analyze_fusion
 from onnxshrink.passes.cleanup import cleanup
-from onnxshrink.passes.prepare import PrepareReport, prepare_with_reference
-from onnxshrink.quantize.calibrate import choose_range, collect_stats, complete_ranges, concat_ranges_from_inputs
+from onnxshrink.modelio import load_model
+from onnxshrink.passes.prepare import LOSSLESS_RTOL, PrepareReport, max_relative_error, prepare_with_reference
+from onnxshrink.quantize.calibrate import CalibrationPass, choose_range, collect_stats, complete_ranges, concat_ranges_from_inputs
 from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
 from onnxshrink.quantize.rewrites import int8_friendly, unshare_biases
@@ -282,10 +283,13 @@ def quantize_int8(
         raise UnsupportedModelError(f"int8 needs tensor outputs; output '{not_tensors[0]}' is a sequence, map or optional")
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
-    with _phase("preparation"):
+    method = "mse" if config.method == "auto" else config.method
+    span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
+
+    def prepare_model(box: list[onnx.ModelProto], defer: bool) -> tuple[onnx.ModelProto, PrepareReport, list[list[np.ndarray]]]:
+        # ``box`` holds the only reference, dropped once prepared (memory).
         # ``reference``: the original's outputs on ``checks``; every rewrite is checked against them.
-        prepared, prep_report, reference = prepare_with_reference(model, checks, source=source)
-        del model  # the caller may have handed over its only reference
+        prepared, prep_report, reference = prepare_with_reference(box.pop(), checks, source=source, defer_fold_check=defer)
         if config.provider == "cpu":
             prepared, steps = int8_friendly(prepared, checks, reference, shapes=source_shapes)
             prep_report.steps += steps
@@ -294,16 +298,12 @@ def quantize_int8(
             prep_report.steps.append({"step": "shared Conv/Gemm bias -> a copy each (an int32 bias each)", "applied": True, "nodes": copies})
         ensure_node_names(prepared)
         release_memory()
-    with _phase("MAC count"):
-        macs = count_macs(prepared)
-    threads = _THREADS
+        return prepared, prep_report, reference
 
-    # One pass over the data: statistics on the calibration samples, fp32 outputs (of the
-    # prepared model, equal to the original's within 1e-4) on the evaluation samples.
-    method = "mse" if config.method == "auto" else config.method
-    span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
-    outliers = OutlierWatch(dataset.source)
-    with _phase("calibration"):
+    def calibrate(prepared: onnx.ModelProto) -> CalibrationPass:
+        # One pass over the data: statistics on the calibration samples, fp32 outputs (of the
+        # prepared model, equal to the original's within 1e-4) on the evaluation samples.
+        outliers = OutlierWatch(dataset.source)
         calibration = collect_stats(
             prepared,
             outliers.watch(iter_range(dataset, span)),
@@ -312,10 +312,35 @@ def quantize_int8(
             record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
             quantized_op_types=config.quantized_op_types,
             progress=progress,
-            threads=threads,
+            threads=_THREADS,
         )
         outliers.check()
-        ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
+        return calibration
+
+    # With the file at hand (to prepare again from), the folding's equivalence check waits
+    # for the calibration pass, which runs the prepared model on ``checks`` anyway.
+    box = [model]
+    del model  # the caller may have handed over its only reference
+    with _phase("preparation"):
+        prepared, prep_report, reference = prepare_model(box, defer=source is not None)
+    with _phase("calibration"):
+        calibration = calibrate(prepared)
+    if prep_report.unchecked:
+        error = max_relative_error(reference, calibration.recorded_outputs[: len(checks)])
+        if error <= LOSSLESS_RTOL:
+            prep_report.checked(error)
+        else:
+            log.warning("onnxruntime's folding changed the outputs by %.2g (relative): preparing again, each step checked", error)
+            assert source is not None
+            del calibration, prepared
+            with _phase("preparation (again)"):
+                prepared, prep_report, reference = prepare_model([load_model(source)[0]], defer=False)
+            with _phase("calibration (again)"):
+                calibration = calibrate(prepared)
+    with _phase("MAC count"):
+        macs = count_macs(prepared)
+    threads = _THREADS
+    ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     complete_ranges(ranges, calibration.derived)
     concat_ranges_from_inputs(prepared, ranges)
     evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
