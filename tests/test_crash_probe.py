@@ -10,6 +10,7 @@ held by another thread at the fork blocks the same way.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +144,21 @@ def test_parent_garbage_holding_a_session_is_not_collected_in_child(tmp_path: Pa
     finally:
         gc.enable()
         gc.collect()
+
+
+def test_ordered_runs_two_at_once_give_the_sequential_results_in_order(tmp_path: Path) -> None:
+    import numpy as np
+
+    from onnxshrink.runtime import make_session, ordered_runs, pipelined_runs
+
+    model = _conv_model(tmp_path / "m.onnx")
+    session = make_session(model, threads=1)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(7)]
+    expected = [session.run(None, f) for f in feeds]
+    got = list(ordered_runs(session, None, iter(feeds), 2))
+    assert len(got) == 7 and all(np.array_equal(a[0], b[0]) for a, b in zip(expected, got))
+    assert pipelined_runs(3, 1 << 20) == (1, 3)  # threads asked for: as asked
+    assert pipelined_runs(None, None)[0] == 1  # memory of a run unknown: one at a time
+    assert pipelined_runs(None, 1 << 40)[0] == 1  # a second run would add too much
+    cores = len(os.sched_getaffinity(0))
+    assert pipelined_runs(None, 1 << 20) == ((2, cores // 2) if cores >= 2 else (1, None))

@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Collection, Iterable
+from collections import deque
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper
 
 from onnxshrink.data import Sample
 from onnxshrink.errors import DataError
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import make_session, ordered_runs, pipelined_runs
 from onnxshrink.stats import weightless_copy
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,8 @@ class CalibrationPass:
     recorded_outputs: list[list[np.ndarray]]
     recorded_labels: list[int | np.ndarray | None]
     derived: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: One run's activation memory, estimated (None: unknown); see :func:`pipelined_runs`.
+    run_bytes: int | None = None
 
 
 def collect_stats(
@@ -344,6 +347,8 @@ def collect_stats(
     samples = itertools.chain([first], samples)
     activations = float_activations(model, {name: np.shape(value) for name, value in first.feeds.items()})
     names = activations if tensors is None else {name: activations.get(name) for name in tensors}
+    # One run's activations, at most (the planner reuses buffers): what two runs at once add.
+    run_bytes = None if any(size is None for size in activations.values()) else 4 * sum(activations.values())  # type: ignore[misc]
     derived: dict[str, tuple[str, ...]] = {}
     if quantized_op_types is not None:
         unread = unquantized_tensors(model, names, quantized_op_types)
@@ -357,7 +362,8 @@ def collect_stats(
     sizes = (len(graph.node), len(graph.output), len(graph.initializer))
     try:
         summaries = _add_summaries(model, names, histogram=histogram, sample=histogram_sample(len(calibrate) if calibrate is not None else None))
-        session = make_session(model, threads=threads, optimization="basic", memory_pattern=False, memory_arena=False)
+        at_once, per_run = pipelined_runs(threads, run_bytes)
+        session = make_session(model, threads=per_run, optimization="basic", memory_pattern=False, memory_arena=False)
     finally:
         del graph.node[sizes[0]:]
         del graph.output[sizes[1]:]
@@ -372,22 +378,30 @@ def collect_stats(
 
         iterator = tqdm(samples, desc="calibrating", unit="sample", leave=False)
     calibrated = 0
-    for i, sample in enumerate(iterator):
-        observe = calibrate is None or i in calibrate
-        keep = record is not None and i in record
-        if not (observe or keep):
-            continue
-        values = dict(zip(out_names, session.run(out_names, sample.feeds)))
+    selected: deque[tuple[bool, bool, int | np.ndarray | None]] = deque()  # per run, in order
+
+    def feeds() -> Iterator[dict[str, np.ndarray]]:
+        for i, sample in enumerate(iterator):
+            observe = calibrate is None or i in calibrate
+            keep = record is not None and i in record
+            if observe or keep:
+                selected.append((observe, keep, sample.label))
+                yield sample.feeds
+
+    # Statistics are folded in sample order whatever runs at once: the same histograms.
+    for outputs in ordered_runs(session, out_names, feeds(), at_once):
+        observe, keep, label = selected.popleft()
+        values = dict(zip(out_names, outputs))
         if observe:
             calibrated += 1
             for name, (lo, hi, sub) in summaries.items():
                 stats[name].update_summary(float(values[lo]), float(values[hi]), values[sub] if sub else None)
         if keep:
             recorded.append([values[o] for o in graph_outputs])
-            labels.append(sample.label)
+            labels.append(label)
     if calibrated == 0:
         raise DataError("no calibration samples")
-    return CalibrationPass({k: v for k, v in stats.items() if v.count}, recorded, labels, derived)
+    return CalibrationPass({k: v for k, v in stats.items() if v.count}, recorded, labels, derived, run_bytes)
 
 
 # --------------------------------------------------------------------------- range choice

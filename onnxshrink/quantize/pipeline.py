@@ -39,7 +39,7 @@ from onnxshrink.quantize.config import Int8Config
 from onnxshrink.quantize.engine import build_qdq, decide_reduce_range, ensure_node_names, excluded_nodes
 from onnxshrink.quantize.rewrites import int8_friendly, unshare_biases
 from onnxshrink.quantize.sensitivity import NodeSensitivity, node_sensitivity
-from onnxshrink.runtime import make_session, release_memory
+from onnxshrink.runtime import make_session, ordered_runs, pipelined_runs, release_memory
 from onnxshrink.stats import count_macs
 from onnxshrink.verify import Fidelity, FidelityMeter
 
@@ -153,9 +153,11 @@ class _Evaluator:
     """Fidelity of candidates against fp32 outputs recorded on the evaluation samples."""
 
     def __init__(
-        self, dataset: Dataset, indices: range, reference: list[list[np.ndarray]], labels: list[int | np.ndarray | None], threads: int | None
-    ) -> None:
-        self.threads = threads
+        self, dataset: Dataset, indices: range, reference: list[list[np.ndarray]], labels: list[int | np.ndarray | None],
+        threads: int | None, run_bytes: int | None = None,
+    ) -> None:  # fmt: skip
+        # ``run_bytes``: a run of the fp32 model; one of the int8 model moves 8-bit activations.
+        self.at_once, self.threads = pipelined_runs(threads, None if run_bytes is None else run_bytes // 4)
         self.dataset = dataset
         self.indices = indices
         self.reference = reference
@@ -164,8 +166,9 @@ class _Evaluator:
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
         session = make_session(candidate, threads=self.threads)
         meter = FidelityMeter()
-        for sample, ref, label in zip(iter_range(self.dataset, self.indices), self.reference, self.labels):
-            meter.update(ref, session.run(None, sample.feeds), label)
+        feeds = (sample.feeds for sample in iter_range(self.dataset, self.indices))
+        for outputs, ref, label in zip(ordered_runs(session, None, feeds, self.at_once), self.reference, self.labels):
+            meter.update(ref, outputs, label)
         return meter.result()
 
 
@@ -343,7 +346,7 @@ def quantize_int8(
     ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     complete_ranges(ranges, calibration.derived)
     concat_ranges_from_inputs(prepared, ranges)
-    evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads)
+    evaluate = _Evaluator(dataset, split.evaluation, calibration.recorded_outputs, calibration.recorded_labels, threads, calibration.run_bytes)
     del calibration
     release_memory()
 
