@@ -430,8 +430,9 @@ def pipelined_runs(threads: int | None, run_bytes: int | None) -> tuple[int, int
 
     With ``threads=None`` (all cores) and two cores or more, two samples run at once on half
     the cores each: the cores stay busier than one run spread over all of them (on 2 cores,
-    32 calibration samples of ConvNeXt-T: 3.2 -> 2.7 s, DenseNet-121: 1.7 -> 1.5 s). Only if
-    the second run's memory (``run_bytes``: one run's, estimated; None: unknown) is small.
+    32 samples of ConvNeXt-T's calibration model: 3.2 -> 2.7 s, DenseNet-121's: 1.7 -> 1.5 s).
+    Only if the second run's memory (``run_bytes``: one run's, estimated; None: unknown) is
+    small: int8's fidelity runs use it; calibration, whose runs are fp32, does not.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     bound = memory_bound()

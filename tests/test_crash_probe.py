@@ -155,8 +155,24 @@ def test_ordered_runs_two_at_once_give_the_sequential_results_in_order(tmp_path:
     session = make_session(model, threads=1)
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(7)]
     expected = [session.run(None, f) for f in feeds]
-    got = list(ordered_runs(session, None, iter(feeds), 2))
+    busy, most = [0], [0]
+    lock = threading.Lock()
+
+    class Slow:  # records how many runs are in flight at once
+        def run(self, names: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with lock:
+                busy[0] += 1
+                most[0] = max(most[0], busy[0])
+            time.sleep(0.05)
+            try:
+                return session.run(names, feed)
+            finally:
+                with lock:
+                    busy[0] -= 1
+
+    got = list(ordered_runs(Slow(), None, iter(feeds), 2))
     assert len(got) == 7 and all(np.array_equal(a[0], b[0]) for a, b in zip(expected, got))
+    assert most[0] == 2  # two at once, never more
     assert pipelined_runs(3, 1 << 20) == (1, 3)  # threads asked for: as asked
     assert pipelined_runs(None, None)[0] == 1  # memory of a run unknown: one at a time
     assert pipelined_runs(None, 1 << 40)[0] == 1  # a second run would add too much

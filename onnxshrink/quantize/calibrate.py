@@ -21,8 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import deque
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +30,7 @@ from onnx import TensorProto, helper
 
 from onnxshrink.data import Sample
 from onnxshrink.errors import DataError
-from onnxshrink.runtime import make_session, ordered_runs, pipelined_runs
+from onnxshrink.runtime import make_session
 from onnxshrink.stats import weightless_copy
 
 log = logging.getLogger(__name__)
@@ -332,16 +331,15 @@ def collect_stats(
     quantized_op_types: Collection[str] | None = None,
     progress: bool = False,
     threads: int | None = 1,
-    pipelined: bool = False,
 ) -> CalibrationPass:
     """Run ``model`` once per sample; summarise each float activation on the samples whose
     position is in ``calibrate`` (all when None), keep the graph outputs of those in ``record``.
     ``quantized_op_types``: the op types to be quantized; given, the tensors whose ranges
     follow from others' (:func:`derivable_ranges`) or are never read
     (:func:`unquantized_tensors`) are not measured.
-    ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
-    ``pipelined``: two samples at once where that adds little memory (:func:`pipelined_runs`);
-    off in ``shrink``: it raised EfficientNet-B0's conversion peak from 274 to 365 MiB.
+    ``threads``: onnxruntime's intra-op threads (None: its default, all cores). One sample
+    at a time: two at once (:func:`onnxshrink.runtime.pipelined_runs`) was faster but raised
+    EfficientNet-B0's conversion peak from 274 to 365 MiB.
     """
     samples = iter(samples)
     first = next(samples, None)
@@ -350,7 +348,8 @@ def collect_stats(
     samples = itertools.chain([first], samples)
     activations = float_activations(model, {name: np.shape(value) for name, value in first.feeds.items()})
     names = activations if tensors is None else {name: activations.get(name) for name in tensors}
-    # One run's activations, at most (the planner reuses buffers): what two runs at once add.
+    # One run's activations, at most (the planner reuses buffers): what a second run at once
+    # would add (the fidelity runs, of the int8 model, decide on it).
     run_bytes = None if any(size is None for size in activations.values()) else 4 * sum(activations.values())  # type: ignore[misc]
     derived: dict[str, tuple[str, ...]] = {}
     if quantized_op_types is not None:
@@ -365,8 +364,7 @@ def collect_stats(
     sizes = (len(graph.node), len(graph.output), len(graph.initializer))
     try:
         summaries = _add_summaries(model, names, histogram=histogram, sample=histogram_sample(len(calibrate) if calibrate is not None else None))
-        at_once, per_run = pipelined_runs(threads, run_bytes) if pipelined else (1, threads)
-        session = make_session(model, threads=per_run, optimization="basic", memory_pattern=False, memory_arena=False)
+        session = make_session(model, threads=threads, optimization="basic", memory_pattern=False, memory_arena=False)
     finally:
         del graph.node[sizes[0]:]
         del graph.output[sizes[1]:]
@@ -381,27 +379,19 @@ def collect_stats(
 
         iterator = tqdm(samples, desc="calibrating", unit="sample", leave=False)
     calibrated = 0
-    selected: deque[tuple[bool, bool, int | np.ndarray | None]] = deque()  # per run, in order
-
-    def feeds() -> Iterator[dict[str, np.ndarray]]:
-        for i, sample in enumerate(iterator):
-            observe = calibrate is None or i in calibrate
-            keep = record is not None and i in record
-            if observe or keep:
-                selected.append((observe, keep, sample.label))
-                yield sample.feeds
-
-    # Statistics are folded in sample order whatever runs at once: the same histograms.
-    for outputs in ordered_runs(session, out_names, feeds(), at_once):
-        observe, keep, label = selected.popleft()
-        values = dict(zip(out_names, outputs))
+    for i, sample in enumerate(iterator):
+        observe = calibrate is None or i in calibrate
+        keep = record is not None and i in record
+        if not (observe or keep):
+            continue
+        values = dict(zip(out_names, session.run(out_names, sample.feeds)))
         if observe:
             calibrated += 1
             for name, (lo, hi, sub) in summaries.items():
                 stats[name].update_summary(float(values[lo]), float(values[hi]), values[sub] if sub else None)
         if keep:
             recorded.append([values[o] for o in graph_outputs])
-            labels.append(label)
+            labels.append(sample.label)
     if calibrated == 0:
         raise DataError("no calibration samples")
     return CalibrationPass({k: v for k, v in stats.items() if v.count}, recorded, labels, derived, run_bytes)

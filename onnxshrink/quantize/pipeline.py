@@ -287,6 +287,7 @@ def quantize_int8(
     split = split_samples(count, config.max_calibration_samples)
     checks = list(iter_range(dataset, range(split.evaluation.start, split.evaluation.start + min(2, len(split.evaluation)))))
     method = "mse" if config.method == "auto" else config.method
+    threads = _THREADS
     span = range(min(split.calibration.start, split.evaluation.start), max(split.calibration.stop, split.evaluation.stop))
 
     def prepare_model(box: list[onnx.ModelProto], defer: bool) -> tuple[onnx.ModelProto, PrepareReport, list[list[np.ndarray]]]:
@@ -315,7 +316,7 @@ def quantize_int8(
             record=range(split.evaluation.start - span.start, split.evaluation.stop - span.start),
             quantized_op_types=config.quantized_op_types,
             progress=progress,
-            threads=_THREADS,
+            threads=threads,
         )
         outliers.check()
         return calibration
@@ -342,7 +343,6 @@ def quantize_int8(
                 calibration = calibrate(prepared)
     with _phase("MAC count"):
         macs = count_macs(prepared)
-    threads = _THREADS
     ranges = {name: choose_range(s, method, percentile=config.percentile) for name, s in calibration.stats.items()}
     complete_ranges(ranges, calibration.derived)
     concat_ranges_from_inputs(prepared, ranges)
